@@ -1,0 +1,44 @@
+"""S3FD-style detection head: one square anchor per location, optional max-out background."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["DetectionHead"]
+
+
+class DetectionHead(nn.Module):
+    """Class logits and box deltas for one feature map (one anchor per location).
+
+    With ``maxout_background = M > 1`` the classifier predicts ``M`` background logits and keeps their maximum
+    (S3FD's max-out background label, used on the first, small-anchor head to fight the many small negatives).
+
+    Args:
+        in_channels: feature channels.
+        num_classes: classes including background (2 for a one-class detector).
+        maxout_background: background logits to max over (1 = plain softmax head).
+        kernel_size: convolution size of both branches.
+
+    Shape:
+        ``(N, in_channels, H, W)`` -> ``cls_logits (N, H*W, num_classes)``, ``box_deltas (N, H*W, 4)``; locations in
+        row-major (y, x) order.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, maxout_background: int = 1, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.maxout_background = maxout_background
+        pad = kernel_size // 2
+        self.cls = nn.Conv2d(in_channels, num_classes - 1 + maxout_background, kernel_size, padding=pad)
+        self.box = nn.Conv2d(in_channels, 4, kernel_size, padding=pad)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        n = x.shape[0]
+        cls = self.cls(x)
+        m = self.maxout_background
+        if m > 1:
+            cls = torch.cat((cls[:, :m].amax(dim=1, keepdim=True), cls[:, m:]), dim=1)
+        cls = cls.permute(0, 2, 3, 1).reshape(n, -1, self.num_classes)
+        box = self.box(x).permute(0, 2, 3, 1).reshape(n, -1, 4)
+        return cls, box
