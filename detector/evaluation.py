@@ -186,9 +186,8 @@ def match_image(
     Returns:
         ``(K,)`` int8 status per detection: ``1`` TP, ``0`` FP, ``-1`` ignored (see the module docstring).
     """
-    k = len(det_xyxy)
-    status = np.full(k, FP, dtype=np.int8)
-    if k == 0:
+    status = np.full(len(det_xyxy), FP, dtype=np.int8)
+    if len(det_xyxy) == 0:
         return status
     if len(gt_xyxy):
         iou = _pairwise_iou(det_xyxy, gt_xyxy)
@@ -203,11 +202,11 @@ def match_image(
             if len(rows):
                 status[rows] = FP
                 sel = np.isin(pk, rows)
-                k, j = pk[sel], pj[sel]
-                order = np.lexsort((-iou[k, j], k))  # by detection (= score order), then IoU descending
+                rk, rj = pk[sel], pj[sel]
+                order = np.lexsort((-iou[rk, rj], rk))  # by detection (= score order), then IoU descending
                 taken: set[int] = set()
                 cur, done = -1, False
-                for kk, jj in zip(k[order].tolist(), j[order].tolist(), strict=True):
+                for kk, jj in zip(rk[order].tolist(), rj[order].tolist(), strict=True):
                     if kk != cur:
                         cur, done = kk, False
                     if not done and jj not in taken:

@@ -12,7 +12,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthetic_data import box_image, make_voc_tree, make_wider_tree, real_data_root, write_jpeg, write_voc_xml  # noqa: E402
+from synthetic_data import (  # noqa: E402
+    box_image,
+    make_voc_tree,
+    make_wider_tree,
+    real_data_root,
+    write_jpeg,
+    write_voc_xml,
+)
 
 from detector.datasets import (  # noqa: E402
     IGNORE_LABEL,
@@ -262,7 +269,8 @@ def test_dataset_and_collate_shapes(voc):
     images, targets = next(iter(loader))
     assert images.shape == (4, 3, 240, 320) and images.dtype == torch.uint8 and len(targets) == 4
     with pytest.raises(ValueError, match="different shapes"):
-        collate_detection([(torch.zeros(3, 4, 4, dtype=torch.uint8), {}), (torch.zeros(3, 4, 5, dtype=torch.uint8), {})])
+        a, b = torch.zeros(3, 4, 4, dtype=torch.uint8), torch.zeros(3, 4, 5, dtype=torch.uint8)
+        collate_detection([(a, {}), (b, {})])
 
 
 def test_dataset_cache_downscales_and_scales_boxes(voc):

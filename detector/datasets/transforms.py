@@ -10,12 +10,14 @@ Ignore regions travel through albumentations in the same bbox array as the objec
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 import albumentations as A
 import cv2
 import numpy as np
 from albumentations.augmentations.crops.transforms import BaseCrop
+from albumentations.augmentations.geometric import functional as fgeometric
 from albumentations.core.transforms_interface import BaseTransformInitSchema
 
 __all__ = [
@@ -28,6 +30,8 @@ __all__ = [
 
 #: Label carried by ignore regions inside the albumentations pipeline.
 IGNORE_LABEL = -1
+# Boxes a training crop leaves narrower/shorter than this (output pixels) are dropped: only zero-size remnants.
+_MIN_CROPPED_SIDE = 0.01
 # Our Compose has the single label field "labels": albumentations appends it as column 4 of its internal bbox array.
 _LABEL_COLUMN = 4
 
@@ -39,17 +43,20 @@ class SmallObjectZoomCrop(BaseCrop):
 
     * zoom (``zoom_prob``): pick a random object (not an ignore region), draw a target side ``t`` log-uniformly in
       ``object_size_range`` (pixels of the *output* image), and crop the window that, resized to ``output_size``,
-      shows that object at side ``t`` (``sqrt(w * h)``), placed randomly so that it contains the object. The window
-      is enlarged when it would exceed the image (no padding) or magnify more than ``max_upscale``.
+      shows that object at side ``t`` (``sqrt(w * h)``), placed randomly so that it contains the object. The
+      magnification is capped at ``max_upscale`` (output pixels per input pixel), and a window that would exceed the
+      image is shrunk to fit (no padding), so the object may end larger than ``t``.
     * random crop (``random_crop_prob``): a window of the output aspect ratio covering a random fraction
       ``random_crop_area`` of the largest such window, at a random position.
     * full image (remaining probability): no crop (the later resize then matches evaluation).
 
     Objects whose centre falls outside the window are dropped; objects cut with their centre inside are clipped
     (by albumentations' bbox filter). Ignore regions are kept whenever they overlap the window.
-    The window is in pixels of the input image; the output is not resized here (follow with ``A.Resize``).
+    The window has integer corners in pixels of the input image; the output is not resized here (follow with
+    ``A.Resize``). The mode and window are drawn from the transform's albumentations random state.
 
-    Targets: image, bboxes (with a label field whose values mark ignore regions as ``IGNORE_LABEL``).
+    Targets: image, bboxes. Ignore regions are recognised by the value ``IGNORE_LABEL`` in the first label field
+    (albumentations' internal column 4), so the Compose must list that field first.
     """
 
     class InitSchema(BaseTransformInitSchema):
@@ -122,8 +129,8 @@ class SmallObjectZoomCrop(BaseCrop):
         # Window origin range that keeps the object inside (empty when the object is wider: centre it then).
         x_lo, x_hi = max(0.0, box[2] - cw), min(box[0], width - cw)
         y_lo, y_hi = max(0.0, box[3] - ch), min(box[1], height - ch)
-        x0 = self.py_random.uniform(x_lo, x_hi) if x_lo <= x_hi else min(max((box[0] + box[2] - cw) / 2, 0), width - cw)
-        y0 = self.py_random.uniform(y_lo, y_hi) if y_lo <= y_hi else min(max((box[1] + box[3] - ch) / 2, 0), height - ch)
+        x0 = self.py_random.uniform(x_lo, x_hi) if x_lo <= x_hi else (box[0] + box[2] - cw) / 2
+        y0 = self.py_random.uniform(y_lo, y_hi) if y_lo <= y_hi else (box[1] + box[3] - ch) / 2
         return self._to_int_window(x0, y0, cw, ch, width, height)
 
     def _random_window(self, width: int, height: int) -> tuple[int, int, int, int]:
@@ -138,7 +145,10 @@ class SmallObjectZoomCrop(BaseCrop):
         return self._to_int_window(x0, y0, cw, ch, width, height)
 
     @staticmethod
-    def _to_int_window(x0: float, y0: float, cw: float, ch: float, width: int, height: int) -> tuple[int, int, int, int]:
+    def _to_int_window(
+        x0: float, y0: float, cw: float, ch: float, width: int, height: int
+    ) -> tuple[int, int, int, int]:
+        """Integer window of about ``cw x ch`` at ``(x0, y0)``, moved/shrunk to lie inside the image."""
         w_int = min(max(round(cw), 1), width)
         h_int = min(max(round(ch), 1), height)
         x_int = min(max(int(x0), 0), width - w_int)
@@ -216,18 +226,42 @@ class DetectionTransform:
         return np.ascontiguousarray(img), out_boxes[is_obj], out_labels[is_obj], out_boxes[~is_obj]
 
 
-def _bbox_params() -> A.BboxParams:
-    # clip: boxes leave the image only through crops; filter keeps boxes with any area left.
-    return A.BboxParams(format="pascal_voc", label_fields=["labels"], clip=True, min_area=0.0, min_visibility=0.0)
+class _TrainResize(A.Resize):
+    """``A.Resize`` that uses area interpolation only when shrinking by more than 2x, bilinear otherwise.
+
+    cv2's INTER_AREA costs ~1 ms at non-integer ratios on a 640 px image (ten times bilinear), while bilinear up to
+    a 2x shrink still averages every input pixel (cv2 samples between pixel centres), so aliasing stays negligible.
+    """
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        height, width = img.shape[:2]
+        shrink = max(width / self.width, height / self.height)
+        interpolation = cv2.INTER_AREA if shrink > 2.0 else self.interpolation
+        return fgeometric.resize(img, (self.height, self.width), interpolation=interpolation)
 
 
-def _resize(input_size: tuple[int, int]) -> A.Resize:
+def _bbox_params(min_side: float) -> A.BboxParams:
+    # Clip and filter once at the end (boxes stay exact through crop/resize/flip unclipped). The filter keeps any
+    # box with area left; min_side only removes boxes a crop clipped to zero size (albumentations keeps those at
+    # min_area=0 and then fails validating them).
+    return A.BboxParams(
+        format="pascal_voc", label_fields=["labels"], clip=True, min_area=0.0, min_visibility=0.0,
+        min_width=min_side, min_height=min_side, check_each_transform=False,
+    )
+
+
+def _resize(input_size: tuple[int, int], train: bool = False) -> A.Resize:
+    """Resize to ``input_size``; evaluation matches inference preprocessing (area when shrinking, else bilinear)."""
     width, height = input_size
+    if train:
+        return _TrainResize(height=height, width=width, interpolation=cv2.INTER_LINEAR)
     return A.Resize(height=height, width=width, interpolation=cv2.INTER_LINEAR, area_for_downscale="image")
 
 
-def _compose(steps: list[Any], seed: int | None) -> A.Compose:
-    return A.Compose([s for s in steps if s is not None], bbox_params=_bbox_params(), seed=seed, strict=False)
+def _compose(steps: list[Any], seed: int | None, min_side: float = 0.0) -> A.Compose:
+    return A.Compose(
+        [s for s in steps if s is not None], bbox_params=_bbox_params(min_side), seed=seed, strict=False
+    )
 
 
 def build_train_transform(
@@ -243,9 +277,9 @@ def build_train_transform(
     """Training augmentation: small-object zoom crop, resize, flip, photometric distortion, optional grayscale.
 
     Order: :class:`SmallObjectZoomCrop` (window of the output aspect ratio) -> resize to ``input_size``
-    (area interpolation when shrinking) -> horizontal flip -> RGB-to-gray for mono models -> brightness/contrast,
-    gamma and, for colour, hue/saturation. Photometric steps run on the small output image, which keeps a sample at
-    about 1 ms for a 640 px source and a 320x240 output.
+    (area interpolation when shrinking more than 2x, else bilinear) -> horizontal flip -> RGB-to-gray for mono
+    models -> brightness/contrast, gamma and, for colour, hue/saturation. Photometric steps run on the small output
+    image, which keeps a sample at about 1 ms (one core) for a 640 px source and a 320x240 output.
 
     Args:
         input_size: model input ``(width, height)`` in pixels.
@@ -256,13 +290,16 @@ def build_train_transform(
         random_crop_prob: see ``zoom_prob``.
         flip_prob: probability of a horizontal flip.
         photometric_prob: probability of the brightness/contrast distortion (gamma and hue/saturation scale with it).
-        seed: seed of the albumentations random state (``None``: fresh entropy; reseed per worker with
-            :meth:`DetectionTransform.set_seed`).
+        seed: seed of the albumentations random state; ``None`` draws it from Python's global :mod:`random`, so
+            ``random.seed(...)`` beforehand makes training reproducible. :class:`DetectionDataset` reseeds each
+            DataLoader worker from the worker's seed (:meth:`DetectionTransform.set_seed`).
 
     Returns:
         A :class:`DetectionTransform`.
     """
     width, height = input_size
+    if seed is None:
+        seed = random.getrandbits(32)
 
     def steps(to_gray: bool, colour: bool) -> list[Any]:
         return [
@@ -272,7 +309,7 @@ def build_train_transform(
                 zoom_prob=zoom_prob,
                 random_crop_prob=random_crop_prob,
             ),
-            _resize(input_size),
+            _resize(input_size, train=True),
             A.HorizontalFlip(p=flip_prob),
             A.ToGray(num_output_channels=1, p=1.0) if to_gray else None,
             A.RandomBrightnessContrast(brightness_limit=0.3, contrast_limit=0.3, p=photometric_prob),
@@ -283,8 +320,12 @@ def build_train_transform(
         ]
 
     if grayscale:
-        return DetectionTransform(_compose(steps(True, False), seed), _compose(steps(False, False), seed), True)
-    return DetectionTransform(_compose(steps(False, True), seed), None, False)
+        return DetectionTransform(
+            _compose(steps(True, False), seed, _MIN_CROPPED_SIDE),
+            _compose(steps(False, False), seed, _MIN_CROPPED_SIDE),
+            True,
+        )
+    return DetectionTransform(_compose(steps(False, True), seed, _MIN_CROPPED_SIDE), None, False)
 
 
 def build_eval_transform(input_size: tuple[int, int], grayscale: bool = False) -> DetectionTransform:

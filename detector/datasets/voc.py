@@ -16,6 +16,8 @@ exactly one summary line per call.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field, fields
@@ -30,6 +32,7 @@ __all__ = ["LoadReport", "load_voc", "read_image_size", "sanitize_boxes"]
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+_BNDBOX_TAGS = ("xmin", "ymin", "xmax", "ymax")
 
 
 @dataclass
@@ -39,7 +42,7 @@ class LoadReport:
     Box counters count boxes of both kinds (objects and ignore regions).
 
     Attributes:
-        source: what was loaded, e.g. ``"voc partB_train"``.
+        source: what was loaded, e.g. ``"voc scut_head/partB_train"``.
         images: records returned.
         boxes: object boxes in the returned records.
         ignored: ignore regions in the returned records (VOC ``difficult``, WIDER ``invalid``).
@@ -117,7 +120,7 @@ def read_image_size(path: Path) -> tuple[int, int] | None:
     """
     try:
         from PIL import Image
-    except ImportError:  # pragma: no cover - Pillow ships with the train extra
+    except ImportError:  # pragma: no cover - Pillow comes with the train extra (matplotlib)
         import cv2
 
         img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
@@ -130,7 +133,9 @@ def read_image_size(path: Path) -> tuple[int, int] | None:
     return int(width), int(height)
 
 
-def sanitize_boxes(boxes_xyxy: np.ndarray, width: int, height: int, report: LoadReport) -> np.ndarray:
+def sanitize_boxes(
+    boxes_xyxy: np.ndarray, width: float | np.ndarray, height: float | np.ndarray, report: LoadReport
+) -> np.ndarray:
     """Repair boxes against the image and count every change in ``report``.
 
     Inverted axes are swapped, boxes are clipped to ``[0, width] x [0, height]``, and boxes of zero width or height
@@ -138,8 +143,8 @@ def sanitize_boxes(boxes_xyxy: np.ndarray, width: int, height: int, report: Load
 
     Args:
         boxes_xyxy: ``(N, 4)`` pixel boxes in the image frame, possibly inverted or outside the image.
-        width: image width in pixels.
-        height: image height in pixels.
+        width: image width in pixels, a scalar or ``(N,)`` (one per box, for boxes of several images at once).
+        height: image height in pixels, like ``width``.
         report: counters ``swapped``, ``clipped``, ``dropped_degenerate`` are incremented.
 
     Returns:
@@ -221,14 +226,14 @@ def _split_ids(root: Path, split: str | Path | None, report: LoadReport) -> list
     return ids
 
 
-def _find_image(root: Path, image_id: str, filename: str | None) -> Path | None:
-    images = root / "JPEGImages"
-    candidates = [images / f"{image_id}{suffix}" for suffix in IMAGE_SUFFIXES]
+def _find_image(image_dir: Path, names: set[str], image_id: str, filename: str | None) -> Path | None:
+    """The image of ``image_id`` among ``names`` (the listing of ``image_dir``): ``<id>.<ext>`` or ``<filename>``."""
+    candidates = [f"{image_id}{suffix}" for suffix in IMAGE_SUFFIXES]
     if filename:
-        candidates.insert(1, images / Path(filename).name)
+        candidates.insert(1, Path(filename).name)
     for candidate in candidates:
-        if candidate.is_file():
-            return candidate
+        if candidate in names:
+            return image_dir / candidate
     return None
 
 
@@ -274,7 +279,16 @@ def load_voc(
     report = LoadReport(source=f"voc {root.name}/{split_name}")
     ids = _split_ids(root, split, report)
     map_name = _class_mapper(tuple(class_names))
+    image_dir = root / "JPEGImages"
+    # One directory listing instead of a stat per id.
+    image_names = {e.name for e in os.scandir(image_dir) if e.is_file()} if image_dir.is_dir() else set()
     records: list[ImageRecord] = []
+    # Accumulated over all images: boxes are repaired in one vectorised pass at the end.
+    images: list[tuple[str, Path, int, int]] = []
+    coords: list[tuple[float, float, float, float]] = []
+    labels: list[int] = []
+    difficult: list[bool] = []
+    counts: list[int] = []
 
     for image_id in ids:
         xml_path = root / "Annotations" / f"{image_id}.xml"
@@ -287,7 +301,7 @@ def load_voc(
             report.unreadable += 1
             continue
 
-        image_path = _find_image(root, image_id, ann.findtext("filename"))
+        image_path = _find_image(image_dir, image_names, image_id, ann.findtext("filename"))
         if image_path is None:
             report.missing_image += 1
             continue
@@ -305,9 +319,7 @@ def load_voc(
                 report.size_mismatch += 1
             width, height = actual
 
-        coords: list[tuple[float, float, float, float]] = []
-        labels: list[int] = []
-        difficult: list[bool] = []
+        start = len(coords)
         for obj in ann.iter("object"):
             raw_name = (obj.findtext("name") or "").strip()
             label, renamed = map_name(raw_name)
@@ -317,11 +329,11 @@ def load_voc(
                 continue
             box = obj.find("bndbox")
             try:
-                xyxy = tuple(float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))  # type: ignore[union-attr,arg-type]
-            except (AttributeError, TypeError, ValueError):
+                xyxy = tuple(float(box.findtext(k)) for k in _BNDBOX_TAGS)  # type: ignore[union-attr,arg-type]
+            except (AttributeError, TypeError, ValueError):  # no <bndbox>, a missing tag, or not a number
                 report.malformed += 1
                 continue
-            if not np.all(np.isfinite(xyxy)):
+            if not all(map(math.isfinite, xyxy)):
                 report.malformed += 1
                 continue
             if renamed:
@@ -330,24 +342,32 @@ def load_voc(
             coords.append(xyxy)  # type: ignore[arg-type]
             labels.append(label)
             difficult.append((obj.findtext("difficult") or "0").strip() in ("1", "true", "True"))
+        images.append((image_id, image_path, width, height))
+        counts.append(len(coords) - start)
 
-        boxes = np.asarray(coords, dtype=np.float32).reshape(-1, 4)
-        keep = sanitize_boxes(boxes, width, height, report)
-        is_ignore = np.asarray(difficult, dtype=bool)
+    # Repair all boxes in one vectorised pass, then split them per image.
+    boxes = np.asarray(coords, dtype=np.float32).reshape(-1, 4)
+    sizes = np.repeat(np.asarray([im[2:] for im in images], dtype=np.float32).reshape(-1, 2), counts, axis=0)
+    keep = sanitize_boxes(boxes, sizes[:, 0], sizes[:, 1], report)
+    is_ignore = np.asarray(difficult, dtype=bool)
+    label_arr = np.asarray(labels, dtype=np.int64)
+    offsets = np.concatenate(([0], np.cumsum(counts, dtype=np.int64)))
+    for (image_id, image_path, width, height), a, b in zip(images, offsets[:-1], offsets[1:]):
+        obj_mask, ign_mask = keep[a:b] & ~is_ignore[a:b], keep[a:b] & is_ignore[a:b]
         record = ImageRecord(
             image_id=image_id,
             path=image_path,
             width=width,
             height=height,
-            boxes_xyxy=boxes[keep & ~is_ignore],
-            labels=np.asarray(labels, dtype=np.int64)[keep & ~is_ignore],
-            ignore_xyxy=boxes[keep & is_ignore],
+            boxes_xyxy=boxes[a:b][obj_mask],
+            labels=label_arr[a:b][obj_mask],
+            ignore_xyxy=boxes[a:b][ign_mask],
         )
         records.append(record)
-        report.images += 1
         report.boxes += len(record.boxes_xyxy)
         report.ignored += len(record.ignore_xyxy)
         report.empty_images += int(len(record.boxes_xyxy) == 0)
+    report.images = len(records)
 
     report.log(logger)
     return records, report

@@ -1,0 +1,243 @@
+"""The ``detect`` command.
+
+``detect IMAGE [IMAGE ...]`` runs the shipped weights; ``detect train|eval|models`` train, evaluate and list the
+variants. Every user error ends with one line on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main"]
+
+SUBCOMMANDS = ("train", "eval", "models")
+EXIT_USAGE, EXIT_FAILURE = 2, 1
+
+
+class CLIError(Exception):
+    """A user-facing failure: its message is printed as ``detect: error: <message>``."""
+
+
+# ------------------------------------------------------------------------------------------------ detect images
+
+
+def _detect_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="detect",
+        description="Detect heads in images with RNNPool-Face. Subcommands: "
+        + ", ".join(SUBCOMMANDS) + " (see 'detect SUBCOMMAND --help').",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, BMP, WebP, ...)")
+    p.add_argument("--weights", help="weights file or checkpoint (default: the shipped weights)")
+    p.add_argument("--model", help="variant whose shipped weights to use (default rnnpool_face_m4)")
+    p.add_argument("--threshold", type=float, default=0.5, help="minimum score (default 0.5)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.add_argument("--save", metavar="DIR", help="write annotated images to DIR")
+    return p
+
+
+def _read_image(path: str):
+    import cv2
+    import numpy as np
+
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"no such file: {path}")
+    data = np.fromfile(p, dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise CLIError(f"cannot decode image: {path} (not an image, truncated or unsupported format)")
+    return image
+
+
+def _threshold(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise CLIError(f"--threshold must be between 0 and 1, got {value}")
+    return value
+
+
+def run_detect(args: argparse.Namespace) -> int:
+    import cv2
+
+    from detector.inference import Detector
+
+    detector = Detector(weights=args.weights, model=args.model, score_threshold=_threshold(args.threshold))
+    images = [(path, _read_image(path)) for path in args.images]  # fail before any work on a bad path
+    save_dir = Path(args.save) if args.save else None
+    if save_dir:
+        save_dir.mkdir(parents=True, exist_ok=True)
+    for path, image in images:
+        dets = detector(image)
+        if args.json:
+            print(json.dumps({"image": path, "model": detector.name, **dets.to_dict()}))
+        else:
+            noun = detector.class_names[0] if len(detector.class_names) == 1 else "object"
+            print(f"{path}: {len(dets)} {noun}{'s' if len(dets) != 1 else ''}")
+            for box, score, name in zip(dets.boxes_xyxy, dets.scores, dets.label_names):
+                x0, y0, x1, y1 = box
+                print(f"  {name:5s} {score:.3f}  x0={x0:7.1f} y0={y0:7.1f} x1={x1:7.1f} y1={y1:7.1f}")
+        if save_dir:
+            out = save_dir / f"{Path(path).stem}_detections.jpg"
+            cv2.imwrite(str(out), dets.draw(image))
+            if not args.json:
+                print(f"  saved {out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    from detector.train import TrainConfig
+
+    d = TrainConfig(data="", out="")
+    p = argparse.ArgumentParser(prog="detect train", description="Train an RNNPool-Face variant.")
+    p.add_argument("--model", default=d.model, help=f"variant (default {d.model}; see 'detect models')")
+    p.add_argument("--data", required=True, help="dataset root (SCUT-HEAD VOC layout or WIDER FACE layout)")
+    p.add_argument("--format", default=d.format, choices=["voc", "wider"], help="dataset layout (default voc)")
+    p.add_argument("--train-split", default=d.train_split, help="split name in ImageSets/Main or a file of ids")
+    p.add_argument("--val-split", default=d.val_split, help="validation split ('none' to skip)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="peak SGD learning rate")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="0 disables the weight EMA")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="epochs between val AP50 evaluations")
+    p.add_argument("--workers", type=int, default=d.num_workers, help="data loader processes")
+    p.add_argument("--device", default=d.device, help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-train-images", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--compile", action="store_true", help="torch.compile RNNPool (several times faster on CPU)")
+    p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, curves.png")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def run_train(argv: Sequence[str]) -> int:
+    from detector.train import TrainConfig, train
+
+    a = _train_parser().parse_args(argv)
+    if a.epochs < 1 or a.batch_size < 1:
+        raise CLIError("--epochs and --batch-size must be positive")
+    if not Path(a.data).is_dir():
+        raise CLIError(f"dataset folder not found: {a.data}")
+    cfg = TrainConfig(
+        data=a.data, out=a.out, model=a.model, format=a.format, train_split=a.train_split,
+        val_split=None if str(a.val_split).lower() == "none" else a.val_split, epochs=a.epochs,
+        batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs,
+        ema_decay=a.ema_decay, eval_every=a.eval_every, num_workers=a.workers, device=a.device, seed=a.seed,
+        max_train_images=a.max_train_images, compile=a.compile, progress=not a.no_progress,
+    )
+    row = train(cfg, resume=a.resume)
+    print(f"done: {a.out}/final.pt (last epoch: {json.dumps({k: row[k] for k in ('epoch', 'loss', 'val_ap50')})})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+
+def _eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="detect eval", description="Evaluate weights: AP50 (VOC), COCO AP and AR.")
+    p.add_argument("--weights", help="weights file or checkpoint (default: the shipped weights)")
+    p.add_argument("--data", required=True, help="dataset root")
+    p.add_argument("--format", default="auto", choices=["auto", "voc", "wider"],
+                   help="dataset layout (auto: wider if DATA/wider_face_split exists)")
+    p.add_argument("--split", default=None, help="VOC split name or id file (default partB_val); WIDER subset (val)")
+    p.add_argument("--pr-curve", default=None, metavar="PNG", help="where to write the PR curve (default: none)")
+    p.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def run_eval(argv: Sequence[str]) -> int:
+    from detector.engine import EvalSet, evaluate
+    from detector.evaluation import plot_pr_curve
+    from detector.inference import Detector
+    from detector.train import _device, load_records
+
+    a = _eval_parser().parse_args(argv)
+    data = Path(a.data)
+    if not data.is_dir():
+        raise CLIError(f"dataset folder not found: {a.data}")
+    fmt = a.format if a.format != "auto" else ("wider" if (data / "wider_face_split").is_dir() else "voc")
+    split = a.split or ("val" if fmt == "wider" else "partB_val")
+    detector = Detector(weights=a.weights)
+    device = _device(a.device)
+    model = detector.model.to(device)
+    records = load_records(data, fmt, split)
+    eval_set = EvalSet.build(records, model, progress=sys.stderr.isatty())
+    m = evaluate(model, eval_set, device)
+    if a.pr_curve:
+        plot_pr_curve({f"{model.config.name} ({split})": m["pr"]}, a.pr_curve, title=f"PR curve, IoU 0.5 - {data.name}")
+    result = {"model": model.config.name, "weights": str(detector.weights_path), "data": str(data), "split": split,
+              "images": m["images"], "ap50": round(m["ap50"], 4), "ap": round(m["ap"], 4),
+              "coco_ap50": round(m["coco_ap50"], 4), "ar": round(m["ar"], 4),
+              "images_per_s": round(m["images_per_s"], 1)}
+    print(f"{result['model']} on {data.name}/{split} ({result['images']} images)")
+    print(f"  AP50 (VOC, IoU 0.5)   {result['ap50']:.4f}")
+    print(f"  COCO AP@[.5:.95]      {result['ap']:.4f}")
+    print(f"  COCO AP50             {result['coco_ap50']:.4f}")
+    print(f"  COCO AR (1000 dets)   {result['ar']:.4f}")
+    print(f"  speed                 {result['images_per_s']:.1f} images/s (network + postprocess)")
+    if a.pr_curve:
+        print(f"  PR curve              {a.pr_curve}")
+    if a.json:
+        print(json.dumps(result))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def run_models(argv: Sequence[str]) -> int:
+    from detector.complexity import count_madds, count_params
+    from detector.models import build_model, list_models
+
+    argparse.ArgumentParser(prog="detect models", description="List the model variants.").parse_args(argv)
+    print(f"{'model':22s} {'input':>12s} {'params':>10s} {'MAdds':>10s}")
+    for name in list_models():
+        m = build_model(name)
+        w, h = m.config.input_size
+        madds = count_madds(m, (m.config.in_channels, h, w))
+        print(f"{name:22s} {f'{w}x{h}x{m.config.in_channels}':>12s} {count_params(m):>10,d} {madds / 1e6:>9.1f}M")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ entry
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``detect`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handlers: dict[str, Any] = {"train": run_train, "eval": run_eval, "models": run_models}
+    try:
+        if argv and argv[0] in handlers:
+            return handlers[argv[0]](argv[1:])
+        return run_detect(_detect_parser().parse_args(argv))
+    except CLIError as e:
+        print(f"detect: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("detect: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's promise: one line, no traceback
+        from detector.checkpoint import WeightsError
+
+        kind = "error" if isinstance(e, (WeightsError, ValueError, KeyError, OSError)) else f"error ({type(e).__name__})"
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"detect: {kind}: {msg}", file=sys.stderr)
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
