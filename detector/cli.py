@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -136,6 +137,8 @@ def run_train(argv: Sequence[str]) -> int:
         max_train_images=a.max_train_images, compile=a.compile, progress=not a.no_progress,
     )
     row = train(cfg, resume=a.resume)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: only rank 0 reports
+        return 0
     print(f"done: {a.out}/final.pt (last epoch: {json.dumps({k: row[k] for k in ('epoch', 'loss', 'val_ap50')})})")
     return 0
 

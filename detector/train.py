@@ -140,6 +140,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     last = out / "last.pt"
     device = _device(cfg.device)
+    # Launched by torchrun (WORLD_SIZE > 1): PyTorch DDP, one process per GPU (gloo on CPU); rank 0 writes files.
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank = 0
+    if distributed:
+        import torch.distributed as dist
+
+        use_cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        rank = dist.get_rank()
+        if use_cuda:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+    is_main = rank == 0
     _seed_everything(cfg.seed)
 
     ckpt = None
@@ -156,7 +169,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         model.load_state_dict(ckpt["state_dict"])
     else:
         model = build_model(cfg.model, **({"input_size": tuple(cfg.input_size)} if cfg.input_size else {}))
-        if (out / "metrics.jsonl").exists():
+        if is_main and (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()
     model.to(device)
     mcfg = model.config
@@ -167,13 +180,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     transform = build_train_transform(mcfg.input_size, grayscale=mcfg.grayscale)
     train_set = DetectionDataset(train_records, transform, cache_max_side=cfg.cache_max_side,
                                  grayscale_source=mcfg.grayscale)
-    train_set.warm_cache(progress=cfg.progress)
+    train_set.warm_cache(progress=cfg.progress and is_main)
     generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_set) > cfg.batch_size,
-                        num_workers=cfg.num_workers, collate_fn=collate_detection, generator=generator,
-                        persistent_workers=cfg.num_workers > 0)
+    sampler = None
+    if distributed:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(train_set, shuffle=True, seed=cfg.seed, drop_last=True)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                        drop_last=len(train_set) > cfg.batch_size, num_workers=cfg.num_workers,
+                        collate_fn=collate_detection, generator=generator, persistent_workers=cfg.num_workers > 0)
     eval_set = None
-    if cfg.val_split:
+    if cfg.val_split and is_main:
         eval_set = EvalSet.build(load_records(cfg.data, cfg.format, cfg.val_split), model, progress=cfg.progress)
 
     decay, no_decay = [], []
@@ -192,6 +210,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         # RNNPool's time loop is dozens of small element-wise ops; inductor fuses them (~3-5x faster on CPU).
         # In-place Module.compile keeps the state-dict keys; the EMA copy above stays eager.
         model.rnnpool.compile()
+    train_model: torch.nn.Module = model
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     start_epoch = 1
     if ckpt is not None:
@@ -208,14 +231,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     row: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         try:
-            stats = train_one_epoch(model, loader, optimizer, scheduler, loss_fn, device, epoch, ema,
-                                    progress=cfg.progress)
+            stats = train_one_epoch(train_model, loader, optimizer, scheduler, loss_fn, device, epoch, ema,
+                                    progress=cfg.progress and is_main)
         except NonFiniteLossError:
             log.error("training stopped; %s holds the last good epoch", last if last.exists() else "no checkpoint")
             raise
-        eval_model = ema.module if ema is not None else model
         row = {"epoch": epoch, **stats, "val_ap50": None}
+        if not is_main:
+            continue
+        eval_model = ema.module if ema is not None else model
         if eval_set is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             m = evaluate(eval_model, eval_set, device, coco=False)
             row.update(val_ap50=m["ap50"], val_images_per_s=m["images_per_s"])
@@ -238,6 +265,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             print(f"epoch {epoch}/{cfg.epochs}: loss {row['loss']:.4f} (cls {row['loss_cls']:.4f}, box "
                   f"{row['loss_box']:.4f}), lr {row['lr']:.4g}, {row['train_images_per_s']:.1f} img/s{ap}", flush=True)
 
+    if distributed:
+        dist.destroy_process_group()
+    if not is_main:
+        return row
     final_model = ema.module if ema is not None else model
     save_weights(out / "final.pt", final_model.cpu(),
                  {"epochs": cfg.epochs, "train_config": dataclasses.asdict(cfg), "last_metrics": row})

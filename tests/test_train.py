@@ -55,3 +55,24 @@ def test_eval_cli_on_synthetic_set(voc, tmp_path, capsys):
     assert result["images"] == 9 and result["model"] == "rnnpool_face_m4"
     assert 0.0 <= result["ap50"] <= 1.0 and 0.0 <= result["ap"] <= result["ap50"] + 1e-9
     assert pr.stat().st_size > 1000
+
+
+def test_torchrun_ddp_on_cpu(voc, tmp_path):
+    """Two gloo processes via torchrun: rank 0 writes the checkpoint and metrics, every rank exits cleanly."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed beside this python")
+    out = tmp_path / "ddp"
+    cmd = [str(torchrun), "--nproc_per_node=2", "-m", "detector.cli", "train", "--data", str(voc.root),
+           "--train-split", voc.split, "--val-split", "none", "--epochs", "1", "--batch-size", "2",
+           "--workers", "0", "--no-progress", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("done:") == 1
+    assert load_checkpoint(out / "last.pt")["epoch"] == 1
+    shutil.rmtree(out)
