@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 __all__ = ["main"]
 
-SUBCOMMANDS = ("train", "eval", "models")
+SUBCOMMANDS = ("train", "eval", "export", "serve", "models")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 
 
@@ -33,12 +34,16 @@ def _detect_parser() -> argparse.ArgumentParser:
         description="Detect heads in images with RNNPool-Face. Subcommands: "
         + ", ".join(SUBCOMMANDS) + " (see 'detect SUBCOMMAND --help').",
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, BMP, WebP, ...)")
-    p.add_argument("--weights", help="weights file or checkpoint (default: the shipped weights)")
+    p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_VIDEO",
+                   help="image files (JPEG, PNG, BMP, WebP, ...) or video files (" + ", ".join(VIDEO_SUFFIXES) + ")")
+    p.add_argument("--webcam", type=int, metavar="N", help="read frames from camera N (OpenCV index)")
+    p.add_argument("--weights", help="weights file, checkpoint or .onnx (default: the shipped weights)")
     p.add_argument("--model", help="variant whose shipped weights to use (default rnnpool_face_m4)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx"], help="inference backend (default torch)")
     p.add_argument("--threshold", type=float, default=0.5, help="minimum score (default 0.5)")
-    p.add_argument("--json", action="store_true", help="print one JSON object per image")
-    p.add_argument("--save", metavar="DIR", help="write annotated images to DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image / frame")
+    p.add_argument("--save", metavar="DIR", help="write annotated images (or the annotated video) to DIR")
+    p.add_argument("--max-frames", type=int, default=None, help="videos/webcam: stop after N frames")
     return p
 
 
@@ -63,30 +68,116 @@ def _threshold(value: float) -> float:
 
 
 def run_detect(args: argparse.Namespace) -> int:
-    import cv2
+    from detector.backends import load_detector
 
-    from detector.inference import Detector
-
-    detector = Detector(weights=args.weights, model=args.model, score_threshold=_threshold(args.threshold))
-    images = [(path, _read_image(path)) for path in args.images]  # fail before any work on a bad path
+    if not args.inputs and args.webcam is None:
+        raise CLIError("give image or video files, or --webcam N (see 'detect --help')")
+    if args.inputs and args.webcam is not None:
+        raise CLIError("give either files or --webcam, not both")
+    detector = load_detector(weights=args.weights, model=args.model, backend=args.backend,
+                             score_threshold=_threshold(args.threshold))
     save_dir = Path(args.save) if args.save else None
     if save_dir:
         save_dir.mkdir(parents=True, exist_ok=True)
+    if args.webcam is not None:
+        return _run_stream(detector, args.webcam, f"webcam{args.webcam}", args, save_dir)
+    videos = [p for p in args.inputs if Path(p).suffix.lower() in VIDEO_SUFFIXES]
+    images = [(p, _read_image(p)) for p in args.inputs if p not in videos]  # fail before any work on a bad path
+    for p in videos:
+        if not Path(p).is_file():
+            raise CLIError(f"no such file: {p}")
     for path, image in images:
-        dets = detector(image)
-        if args.json:
-            print(json.dumps({"image": path, "model": detector.name, **dets.to_dict()}))
-        else:
-            noun = detector.class_names[0] if len(detector.class_names) == 1 else "object"
-            print(f"{path}: {len(dets)} {noun}{'s' if len(dets) != 1 else ''}")
-            for box, score, name in zip(dets.boxes_xyxy, dets.scores, dets.label_names):
-                x0, y0, x1, y1 = box
-                print(f"  {name:5s} {score:.3f}  x0={x0:7.1f} y0={y0:7.1f} x1={x1:7.1f} y1={y1:7.1f}")
-        if save_dir:
-            out = save_dir / f"{Path(path).stem}_detections.jpg"
-            cv2.imwrite(str(out), dets.draw(image))
-            if not args.json:
-                print(f"  saved {out}")
+        _report_image(detector, path, image, args, save_dir)
+    for path in videos:
+        _run_stream(detector, path, Path(path).stem, args, save_dir)
+    return 0
+
+
+def _report_image(detector, path: str, image, args: argparse.Namespace, save_dir: Path | None) -> None:
+    import cv2
+
+    dets = detector(image)
+    if args.json:
+        print(json.dumps({"image": path, "model": detector.name, **dets.to_dict()}))
+    else:
+        noun = detector.class_names[0] if len(detector.class_names) == 1 else "object"
+        print(f"{path}: {len(dets)} {noun}{'s' if len(dets) != 1 else ''}")
+        for box, score, name in zip(dets.boxes_xyxy, dets.scores, dets.label_names):
+            x0, y0, x1, y1 = box
+            print(f"  {name:5s} {score:.3f}  x0={x0:7.1f} y0={y0:7.1f} x1={x1:7.1f} y1={y1:7.1f}")
+    if save_dir:
+        out = save_dir / f"{Path(path).stem}_detections.jpg"
+        cv2.imwrite(str(out), dets.draw(image))
+        if not args.json:
+            print(f"  saved {out}")
+
+
+def _open_window() -> bool:
+    """True when OpenCV can show a window here (a display and a GUI build of OpenCV)."""
+    import cv2
+
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform in ("darwin", "win32")):
+        return False
+    try:
+        cv2.namedWindow("detect", cv2.WINDOW_NORMAL)
+        return True
+    except cv2.error:  # opencv-python-headless has no GUI
+        return False
+
+
+def _run_stream(detector, source: str | int, name: str, args: argparse.Namespace, save_dir: Path | None) -> int:
+    """Frames from a video file or camera: window with boxes, count and FPS when possible, else per-frame counts
+    (and the annotated video with --save). Ctrl-C stops cleanly, keeping what was written."""
+    import time
+
+    import cv2
+
+    cap = cv2.VideoCapture(source)
+    if not cap.isOpened():
+        raise CLIError(f"cannot open {'camera' if isinstance(source, int) else 'video'} {source}")
+    window = _open_window()
+    writer = None
+    frames, start, fps = 0, time.perf_counter(), 0.0
+    try:
+        while args.max_frames is None or frames < args.max_frames:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            t0 = time.perf_counter()
+            dets = detector(frame)
+            fps = 0.9 * fps + 0.1 / max(time.perf_counter() - t0, 1e-6) if frames else 1 / max(time.perf_counter() - t0, 1e-6)
+            frames += 1
+            if args.json:
+                print(json.dumps({"source": str(source), "frame": frames - 1, **dets.to_dict()}), flush=True)
+            else:
+                print(f"{name} frame {frames - 1}: {len(dets)} {detector.class_names[0]}s ({fps:.1f} FPS)", flush=True)
+            if window or save_dir:
+                annotated = dets.draw(frame)
+                cv2.putText(annotated, f"{fps:.1f} FPS", (8, 48), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (255, 255, 255), 2)
+                if save_dir:
+                    if writer is None:
+                        rate = cap.get(cv2.CAP_PROP_FPS) or 25.0
+                        out = save_dir / f"{name}_detections.mp4"
+                        writer = cv2.VideoWriter(str(out), cv2.VideoWriter_fourcc(*"mp4v"), rate,
+                                                 (frame.shape[1], frame.shape[0]))
+                    writer.write(annotated)
+                if window:
+                    cv2.imshow("detect", annotated)
+                    if cv2.waitKey(1) & 0xFF in (ord("q"), 27):
+                        break
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted after {frames} frames", file=sys.stderr)
+    finally:
+        cap.release()
+        if writer is not None:
+            writer.release()
+        if window:
+            cv2.destroyAllWindows()
+    if frames == 0:
+        raise CLIError(f"no frames could be read from {source}")
+    elapsed = time.perf_counter() - start
+    print(f"{name}: {frames} frames in {elapsed:.1f} s ({frames / elapsed:.1f} FPS)"
+          + (f", saved {save_dir / f'{name}_detections.mp4'}" if save_dir else ""), file=sys.stderr)
     return 0
 
 
@@ -196,6 +287,39 @@ def run_eval(argv: Sequence[str]) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ export
+
+
+def run_export(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="detect export", description="Export trained weights.")
+    p.add_argument("format", choices=["onnx"], help="onnx: the raw network for onnxruntime")
+    p.add_argument("--weights", help="weights file or checkpoint (default: the shipped weights)")
+    p.add_argument("--out", required=True, help="output file")
+    a = p.parse_args(argv)
+    from detector.checkpoint import default_weights_path, load_model
+    from detector.export.onnx import export_onnx
+
+    model, _ = load_model(a.weights or default_weights_path())
+    path = export_onnx(model, a.out)
+    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB, input 1x{model.config.in_channels}x"
+          f"{model.config.input_size[1]}x{model.config.input_size[0]})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ serve
+
+
+def run_serve(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="detect serve", description="Start the web service (FastAPI + uvicorn).")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 for the local network)")
+    p.add_argument("--port", type=int, default=8000)
+    a = p.parse_args(argv)
+    from app.main import serve
+
+    serve(host=a.host, port=a.port)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ models
 
 
@@ -220,7 +344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``detect`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    handlers: dict[str, Any] = {"train": run_train, "eval": run_eval, "models": run_models}
+    handlers: dict[str, Any] = {"train": run_train, "eval": run_eval, "export": run_export, "serve": run_serve,
+                                "models": run_models}
     try:
         if argv and argv[0] in handlers:
             return handlers[argv[0]](argv[1:])

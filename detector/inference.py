@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -81,14 +82,35 @@ class Detector:
             self._anchor_cache[key] = make_anchors(self.model.feature_sizes(height, width), specs).to(self.device)
         return self._anchor_cache[key]
 
-    @torch.inference_mode()
-    def __call__(self, image_bgr: np.ndarray) -> Detections:
-        """Detects in one image: ``(H, W, 3)`` uint8 BGR (OpenCV order), BGRA or ``(H, W)`` grayscale."""
+    def run_network(self, x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw outputs for one preprocessed input ``(C, h, w)`` float32: ``(1, A, K)`` logits, ``(1, A, 4)`` deltas."""
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(x)[None].to(self.device))
+
+    def __call__(
+        self, image_bgr: np.ndarray, score_threshold: float | None = None, max_detections: int | None = None
+    ) -> Detections:
+        """Detects in one image.
+
+        Args:
+            image_bgr: ``(H, W, 3)`` uint8 BGR (OpenCV order), ``(H, W, 4)`` BGRA or ``(H, W)`` grayscale.
+            score_threshold: overrides the detector's threshold for this call.
+            max_detections: overrides the detector's cap for this call.
+
+        Returns:
+            Detections in pixels of ``image_bgr``.
+        """
         if not isinstance(image_bgr, np.ndarray) or image_bgr.ndim not in (2, 3) or image_bgr.size == 0:
             raise ValueError("expected a non-empty HxW or HxWxC image array")
+        config = self.postprocess_config
+        if score_threshold is not None or max_detections is not None:
+            config = dataclasses.replace(
+                config,
+                score_threshold=config.score_threshold if score_threshold is None else score_threshold,
+                max_detections=config.max_detections if max_detections is None else max_detections,
+            )
         x, scale = to_model_input(image_bgr, self.config, self.resize)
-        inp = torch.from_numpy(x)[None].to(self.device)
-        cls_logits, box_deltas = self.model(inp)
+        cls_logits, box_deltas = self.run_network(x)
         height, width = image_bgr.shape[:2]
         return postprocess(cls_logits, box_deltas, self.anchors(*x.shape[1:]), [scale], [(width, height)],
-                           self.class_names, self.postprocess_config)[0]
+                           self.class_names, config)[0]

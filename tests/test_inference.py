@@ -126,3 +126,25 @@ def test_shipped_weights_find_the_astronaut():
     det = Detector()
     out = det(cv2.imread(str(REPO / "data" / "samples" / "astronaut.png")))
     assert len(out) >= 1
+
+
+def test_cli_video_writes_annotated_video_and_counts(random_weights, tmp_path, capsys):
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10, (160, 120))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write mp4v")
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        writer.write((rng.random((120, 160, 3)) * 255).astype(np.uint8))
+    writer.release()
+    code = main([str(video), "--weights", str(random_weights), "--save", str(tmp_path / "out"), "--max-frames", "4"])
+    assert code == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if " frame " in line]
+    assert len(lines) == 4 and lines[0].startswith("clip frame 0: ")
+    cap = cv2.VideoCapture(str(tmp_path / "out" / "clip_detections.mp4"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
+
+
+def test_cli_missing_camera_is_a_clear_error(random_weights, capsys):
+    assert main(["--webcam", "97", "--weights", str(random_weights)]) != 0
+    assert "cannot open camera 97" in capsys.readouterr().err

@@ -34,6 +34,15 @@ def same_padding(size: int, patch: int, stride: int) -> tuple[int, int, int]:
     return out, total // 2, total - total // 2
 
 
+def _windows(x: Tensor, dim: int, size: int, step: int, count: int) -> Tensor:
+    """``count`` windows of ``size`` elements every ``step`` along ``dim``: that axis becomes ``(count, size)``.
+
+    A gather rather than ``Tensor.unfold``, so that the graph exports to ONNX.
+    """
+    idx = (torch.arange(count, device=x.device)[:, None] * step + torch.arange(size, device=x.device)).flatten()
+    return x.index_select(dim, idx).unflatten(dim, (count, size))
+
+
 class FastGRNNCell(nn.Module):
     """FastGRNN cell (Kusupati et al., 2018) with shared ``W``/``U`` for the gate and the update.
 
@@ -159,17 +168,17 @@ class RNNPool(nn.Module):
         h1 = self.hidden_size1
 
         # Rows: rnn1 over each row segment (time = pc columns) of every padded row and patch column.
-        seg = wx[:, : (out_h - 1) * sr + pr].unfold(2, pc, sc)[:, :, :out_w]  # (N, Hr, W', h1, pc)
-        rows = self.rnn1.run(seg.permute(4, 0, 1, 2, 3).reshape(pc, -1, h1)).view(n, -1, out_w, h1)
+        seg = _windows(wx[:, : (out_h - 1) * sr + pr], 2, pc, sc, out_w)  # (N, Hr, W', pc, h1)
+        rows = self.rnn1.run(seg.permute(3, 0, 1, 2, 4).reshape(pc, -1, h1)).view(n, -1, out_w, h1)
         # Columns: rnn1 down each column segment (time = pr rows) of every patch row and padded column.
-        seg = wx[:, :, : (out_w - 1) * sc + pc].unfold(1, pr, sr)[:, :out_h]  # (N, H', Wc, h1, pr)
-        cols = self.rnn1.run(seg.permute(4, 0, 1, 2, 3).reshape(pr, -1, h1)).view(n, out_h, -1, h1)
+        seg = _windows(wx[:, :, : (out_w - 1) * sc + pc], 1, pr, sr, out_h)  # (N, H', pr, Wc, h1)
+        cols = self.rnn1.run(seg.permute(2, 0, 1, 3, 4).reshape(pr, -1, h1)).view(n, out_h, -1, h1)
 
         # rnn2 over the pr row summaries (time = rows) and the pc column summaries (time = cols) of each patch.
-        row_seq = rows.unfold(1, pr, sr)[:, :out_h]  # (N, H', W', h1, pr)
-        col_seq = cols.unfold(2, pc, sc)[:, :, :out_w]  # (N, H', W', h1, pc)
-        row_seq = row_seq.permute(4, 0, 1, 2, 3).reshape(pr, -1, h1) @ self.rnn2.W.t()
-        col_seq = col_seq.permute(4, 0, 1, 2, 3).reshape(pc, -1, h1) @ self.rnn2.W.t()
+        row_seq = _windows(rows, 1, pr, sr, out_h)  # (N, H', pr, W', h1)
+        col_seq = _windows(cols, 2, pc, sc, out_w)  # (N, H', W', pc, h1)
+        row_seq = row_seq.permute(2, 0, 1, 3, 4).reshape(pr, -1, h1) @ self.rnn2.W.t()
+        col_seq = col_seq.permute(3, 0, 1, 2, 4).reshape(pc, -1, h1) @ self.rnn2.W.t()
         if pr == pc:  # one loop for all four sweeps
             b = row_seq.shape[1]
             out = self.rnn2.run(torch.cat((row_seq, row_seq.flip(0), col_seq, col_seq.flip(0)), dim=1))

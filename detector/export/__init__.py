@@ -1,0 +1,1 @@
+"""Exporters: ONNX (``detector.export.onnx``)."""
