@@ -41,7 +41,8 @@ def match_anchors(
     Stage one: every anchor with IoU >= ``positive_iou`` goes to its best box, and every box gets its single best
     anchor (so no box is left without one). Stage two: let ``N`` be the mean number of anchors per box after stage one;
     every box with fewer than ``N`` takes its highest-IoU still-negative anchors with IoU > ``stage2_iou`` until it has
-    ``N`` (tiny and odd-sized faces get enough anchors).
+    ``N`` (tiny and odd-sized faces get enough anchors); an anchor wanted by several boxes goes to the one it overlaps
+    most.
 
     Args:
         anchors_xyxy: ``(A, 4)`` anchors.
@@ -64,13 +65,19 @@ def match_anchors(
         matched[best_anchor] = torch.arange(boxes_xyxy.shape[0], device=matched.device)
 
         counts = torch.bincount(matched[matched >= 0], minlength=boxes_xyxy.shape[0])
-        target = int(round(counts.float().mean().item()))
-        for g in torch.nonzero(counts < target).flatten().tolist():
-            need = target - int(counts[g])
-            cand = iou[g].masked_fill(matched >= 0, 0.0)
-            vals, idx = cand.topk(min(need, num_anchors))
-            idx = idx[vals > config.stage2_iou]
-            matched[idx] = g
+        need = (int(round(counts.float().mean().item())) - counts).clamp(min=0)
+        if int(need.max()) > 0:
+            k = min(int(need.max()), num_anchors)
+            cand = iou.masked_fill(matched[None] >= 0, 0.0)
+            vals, idx = cand.topk(k, dim=1)  # (G, k) best still-negative anchors per box
+            take = (torch.arange(k, device=idx.device)[None] < need[:, None]) & (vals > config.stage2_iou)
+            box_idx = torch.arange(boxes_xyxy.shape[0], device=idx.device)[:, None].expand(-1, k)[take]
+            anchor_idx, v = idx[take], vals[take]
+            # An anchor wanted by several boxes goes to the one it overlaps most.
+            best = torch.zeros(num_anchors, dtype=v.dtype, device=v.device).scatter_reduce(
+                0, anchor_idx, v, "amax", include_self=False)
+            win = v >= best[anchor_idx]
+            matched[anchor_idx[win]] = box_idx[win]
 
     if ignore_xyxy is not None and ignore_xyxy.shape[0] > 0:
         lt = torch.maximum(anchors_xyxy[:, None, :2], ignore_xyxy[None, :, :2])

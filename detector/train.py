@@ -113,6 +113,18 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+def ema_with_warmup(decay: float):
+    """EMA update with a warm-up of the decay, ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so that the
+    average does not stay anchored to the random initial weights early in a short run."""
+
+    def avg_fn(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        d = torch.clamp((1 + num_averaged) / (10 + num_averaged), max=decay).to(averaged.dtype) \
+            if averaged.is_floating_point() else 0
+        return averaged * d + current * (1 - d) if averaged.is_floating_point() else current
+
+    return avg_fn
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -130,7 +142,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     Returns:
         The last metrics row.
     """
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from torch.optim.swa_utils import AveragedModel
     from torch.utils.data import DataLoader
 
     from detector.datasets.dataset import DetectionDataset, collate_detection
@@ -203,8 +215,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     steps_per_epoch = max(1, len(loader))
     schedule = cosine_warmup(cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True) \
-        if cfg.ema_decay else None
+    ema = AveragedModel(model, avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True) if cfg.ema_decay else None
     loss_fn = MultiBoxLoss()
     if cfg.compile:
         # RNNPool's time loop is dozens of small element-wise ops; inductor fuses them (~3-5x faster on CPU).
