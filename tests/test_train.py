@@ -76,3 +76,16 @@ def test_torchrun_ddp_on_cpu(voc, tmp_path):
     assert proc.stdout.count("done:") == 1
     assert load_checkpoint(out / "last.pt")["epoch"] == 1
     shutil.rmtree(out)
+
+
+def test_ema_warmup_follows_the_model_early():
+    from detector.train import ema_with_warmup
+
+    avg = ema_with_warmup(0.999)
+    old, new = torch.zeros(3), torch.ones(3)
+    # After one update (n = 1) the decay is 2/11, not 0.999: the EMA moves 9/11 of the way.
+    torch.testing.assert_close(avg(old, new, torch.tensor(1)), torch.full((3,), 9 / 11))
+    # Late in training the decay is capped at 0.999.
+    torch.testing.assert_close(avg(old, new, torch.tensor(100000)), torch.full((3,), 0.001))
+    # Integer buffers (BatchNorm's num_batches_tracked) take the current value.
+    assert avg(torch.tensor(3), torch.tensor(7), torch.tensor(5)).item() == 7
