@@ -1,0 +1,61 @@
+"""Service settings, read from ``RNNPOOL_*`` environment variables when :class:`Settings` is instantiated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Configuration of the web service.
+
+    Every field can be set with an environment variable named ``RNNPOOL_<FIELD>`` (e.g. ``RNNPOOL_API_KEY``);
+    keyword arguments win over the environment.
+
+    Attributes:
+        weights: weights file (torch) or ``.onnx`` file; ``None`` = the shipped weights of ``model``.
+        model: variant name whose shipped weights to load (default ``rnnpool_face_m4``).
+        backend: ``"torch"`` or ``"onnx"``.
+        score_threshold: default minimum score when a request gives no ``threshold``.
+        max_detections: default cap on boxes per image when a request gives no ``max_detections``.
+        max_body_bytes: largest accepted request body (multipart envelope included); larger -> 413.
+        max_pixels: largest accepted image (width x height, read from the header before decoding); larger -> 413.
+        cors_origins: origins allowed by CORS (JSON list or comma-separated); empty = no CORS headers.
+        api_key: when set, ``POST /detect`` requires the header ``X-API-Key`` with this value.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="RNNPOOL_", extra="forbid")
+
+    weights: Path | None = None
+    model: str | None = None
+    backend: Literal["torch", "onnx"] = "torch"
+    score_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    max_detections: int = Field(750, ge=1, le=1000)
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    api_key: SecretStr | None = None
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        """Accepts ``'["https://a", "https://b"]'``, ``"https://a,https://b"`` or a list."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: object) -> object:
+        """An empty ``RNNPOOL_API_KEY=`` means no key, not a key that is the empty string."""
+        return None if isinstance(value, str) and not value.strip() else value
