@@ -89,6 +89,16 @@ def _append_metrics(path: Path, row: dict[str, Any]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _truncate_metrics(path: Path, first_epoch: int) -> None:
+    """Drops the rows of epochs ``>= first_epoch`` (written after the checkpoint a resume starts from)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] < first_epoch]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     """Loss terms, lr and val AP50 per epoch to one PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -238,6 +248,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         generator.set_state(ckpt["rng"]["loader"])
         start_epoch = int(ckpt["epoch"]) + 1
         log.info("resumed from %s at epoch %d", last, start_epoch)
+        if is_main:
+            _truncate_metrics(out / "metrics.jsonl", start_epoch)
 
     row: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs + 1):
@@ -258,6 +270,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             m = evaluate(eval_model, eval_set, device, coco=False)
             row.update(val_ap50=m["ap50"], val_images_per_s=m["images_per_s"])
         row["epoch_seconds"] = time.perf_counter() - t0
+        # Metrics first, checkpoint second: a kill in between re-runs this epoch on resume, and the resume drops
+        # the rows of epochs after the checkpoint.
+        rows = _append_metrics(out / "metrics.jsonl", row)
         atomic_save({
             "format": FORMAT, "kind": "checkpoint", "model_config": mcfg.to_dict(),
             "state_dict": model.state_dict(),
@@ -268,7 +283,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             "rng": {"torch": torch.get_rng_state(), "loader": generator.get_state()},
             "meta": {"epoch": epoch, "train_config": dataclasses.asdict(cfg)},
         }, last)
-        rows = _append_metrics(out / "metrics.jsonl", row)
         plot_curves(rows, out / "curves.png")
         log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
         if cfg.progress:

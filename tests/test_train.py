@@ -89,3 +89,37 @@ def test_ema_warmup_follows_the_model_early():
     torch.testing.assert_close(avg(old, new, torch.tensor(100000)), torch.full((3,), 0.001))
     # Integer buffers (BatchNorm's num_batches_tracked) take the current value.
     assert avg(torch.tensor(3), torch.tensor(7), torch.tensor(5)).item() == 7
+
+
+def test_kill_9_then_resume_continues_from_the_last_complete_epoch(voc, tmp_path):
+    """SIGKILL a real training process after its first checkpoint; --resume finishes the run with the stored
+    optimiser and scheduler state and one metrics row per epoch."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "detector.cli", "train", "--data", str(voc.root), "--train-split", voc.split,
+           "--val-split", "none", "--epochs", "4", "--batch-size", "2", "--workers", "0", "--no-progress",
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert (out / "last.pt").exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "timeout"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(out / "last.pt")["epoch"]  # a complete checkpoint, never a torn file
+    assert killed_at >= 1
+
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] == 4
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    steps_per_epoch = 4  # 9 images, batch 2, drop_last
+    assert ckpt["scheduler"]["last_epoch"] == 4 * steps_per_epoch
+    assert all("momentum_buffer" in s for s in ckpt["optimizer"]["state"].values())
