@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from detector.fileio import atomic_open
 from detector.models.rnnpool_face import RNNPoolFace, RNNPoolFaceConfig
 
 __all__ = [
@@ -35,19 +34,9 @@ def default_weights_path(model: str = DEFAULT_MODEL) -> Path:
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` to ``path`` atomically (see :mod:`detector.fileio`)."""
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def save_weights(path: str | Path, model: RNNPoolFace, meta: dict[str, Any] | None = None) -> None:

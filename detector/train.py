@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from detector.checkpoint import FORMAT, WeightsError, atomic_save, load_checkpoint, save_weights
+from detector.fileio import atomic_open
 from detector.engine import EvalSet, NonFiniteLossError, cosine_warmup, evaluate, train_one_epoch
 from detector.loss import MultiBoxLoss
 from detector.models import build_model
@@ -94,9 +95,8 @@ def _truncate_metrics(path: Path, first_epoch: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["epoch"] < first_epoch]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    with atomic_open(path, "w") as f:
+        f.write("".join(line + "\n" for line in keep))
 
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import io
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from detector.fileio import atomic_open
 from detector.inference import Detector
 from detector.models.rnnpool_face import RNNPoolFace, RNNPoolFaceConfig
 
@@ -26,22 +26,17 @@ def export_onnx(model: RNNPoolFace, path: str | Path, opset: int = 17) -> Path:
 
     model = model.cpu().eval()
     w, h = model.config.input_size
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, model.config.in_channels, h, w),), buffer, input_names=["image"],
+                          output_names=["cls_logits", "box_deltas"], opset_version=opset, dynamo=False)
+    proto = onnx.load_from_string(buffer.getvalue())
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = CONFIG_KEY, json.dumps(model.config.to_dict())
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (torch.zeros(1, model.config.in_channels, h, w),), tmp, input_names=["image"],
-                              output_names=["cls_logits", "box_deltas"], opset_version=opset, dynamo=False)
-        proto = onnx.load(tmp)
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = CONFIG_KEY, json.dumps(model.config.to_dict())
-        onnx.save(proto, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_open(path, "wb") as f:
+        f.write(proto.SerializeToString())
     return path
 
 
