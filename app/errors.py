@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -10,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-__all__ = ["APIError", "error_response", "install_error_handlers"]
+__all__ = ["APIError", "error_response", "install_error_handlers", "redact_paths"]
 
 log = logging.getLogger("app")
 
@@ -22,12 +23,26 @@ _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     406: "not_acceptable",
+    408: "request_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "validation_error",
     429: "too_many_requests",
     503: "service_unavailable",
+    504: "timeout",
 }
+
+# An absolute or home-relative file path (POSIX or Windows) inside a message.
+_PATH = re.compile(r"(?<![\w.:/\\])(?:~|[A-Za-z]:)?(?:[\\/][^\s\\/'\"()\[\]{},;]+)+[\\/]?")
+
+
+def redact_paths(message: str) -> str:
+    """``message`` with every file path shortened to its last component (``/srv/w/m4.pt`` -> ``m4.pt``).
+
+    Messages that come from exceptions (e.g. a weights file that failed to load) are shown to clients; the layout
+    of the server's file system is not theirs to see.
+    """
+    return _PATH.sub(lambda m: re.split(r"[\\/]", m.group(0).rstrip("/\\"))[-1] or "<path>", message)
 
 
 class APIError(Exception):

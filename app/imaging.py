@@ -107,18 +107,20 @@ def _is_complete(data: bytes, fmt: str) -> bool:
     return True
 
 
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+def decode_image(data: bytes, max_pixels: int, max_aspect_ratio: float | None = None) -> np.ndarray:
     """Validates and decodes an uploaded image.
 
     Args:
         data: the file's bytes.
         max_pixels: largest accepted ``width * height``.
+        max_aspect_ratio: largest accepted ``longer side / shorter side``; ``None``: any.
 
     Returns:
         ``(H, W, 3)`` uint8 BGR image (EXIF orientation applied, as OpenCV does).
 
     Raises:
-        APIError: 400 empty / not an image / truncated or corrupt, 413 too many pixels, 415 unsupported format.
+        APIError: 400 empty / not an image / truncated or corrupt, 413 too many pixels, 415 unsupported format,
+            422 too elongated.
     """
     if not data:
         raise APIError(400, "empty_body", f"no image data: {_ACCEPTED}")
@@ -139,6 +141,11 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     if width * height > max_pixels:
         raise APIError(
             413, "image_too_large", f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+    if max_aspect_ratio is not None and max(width, height) > max_aspect_ratio * min(width, height):
+        raise APIError(
+            422, "unsupported_aspect_ratio",
+            f"image is {width}x{height}; the longer side may be at most {max_aspect_ratio:g} times the shorter",
         )
     if not _is_complete(data, fmt):
         raise APIError(400, "truncated_image", f"the {fmt} file is truncated or corrupt")

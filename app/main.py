@@ -2,10 +2,17 @@
 
 Run it with ``uvicorn app.main:create_app --factory`` (settings from ``RNNPOOL_*`` environment variables) or
 :func:`serve` (what ``detect serve`` calls).
+
+Hostile or excessive input is bounded before it costs much: the body size (while streaming), the image's pixels and
+aspect ratio (from its header, before decoding), the work in progress (``max_concurrency`` worker threads and
+``max_queue`` waiting requests, then an immediate 503 with ``Retry-After``) and the time per request
+(``request_timeout_s``). Every response to an error is ``{"error": {"code", "message"}}``; every request is logged
+as one JSON line on the logger ``app.access``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -27,8 +34,10 @@ from starlette.datastructures import Headers
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from app.errors import APIError, install_error_handlers
+from app.access_log import AccessLogMiddleware, ensure_log_output
+from app.errors import APIError, error_response, install_error_handlers, redact_paths
 from app.imaging import MEDIA_TYPES, decode_image
+from app.limits import InferencePool, PoolFull
 from app.schemas import DetectResponse, ErrorResponse, HealthResponse, VersionResponse
 from app.settings import Settings
 
@@ -44,6 +53,7 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 API_KEY_HEADER = "X-API-Key"
 MULTIPART = "multipart/form-data"
 MAX_DETECTIONS = 1000  # the largest max_detections a request may ask for
+RETRY_AFTER_S = 1  # what a 503 "server_busy" tells clients to wait (seconds)
 _BINARY = {"type": "string", "format": "binary"}
 _api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="required when the server has a key")
 
@@ -63,6 +73,37 @@ _DETECT_BODY: dict[str, Any] = {
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorResponse} for code in codes}
+
+
+_DETECT_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_errors(400, 401, 413, 415, 422),
+    408: {"model": ErrorResponse, "description": "the request body did not arrive within the request timeout"},
+    503: {
+        "model": ErrorResponse,
+        "description": "`server_busy`: every inference worker is busy and the queue is full (retry after "
+        "`Retry-After` seconds); `model_unavailable`: the model is not loaded",
+        "headers": {"Retry-After": {"description": "seconds to wait before retrying (with `server_busy`)",
+                                    "schema": {"type": "integer"}}},
+    },
+    504: {"model": ErrorResponse, "description": "no result within the request timeout"},
+}
+
+
+class _CORSMiddleware(CORSMiddleware):
+    """Starlette's CORS middleware, answering a refused preflight request in the JSON error shape."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+        message = bytes(response.body).decode("utf-8", "replace")  # e.g. "Disallowed CORS origin"
+        return error_response(response.status_code, "cors_rejected", message, headers=headers)
+
+
+def _server_busy() -> APIError:
+    return APIError(503, "server_busy", "the server is busy (every worker taken, the queue full); retry later",
+                    headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def _parse_classes(classes: str | None, known: tuple[str, ...]) -> list[str] | None:
@@ -140,12 +181,17 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
     import detector as detector_package
 
     settings = settings if settings is not None else Settings()
+    ensure_log_output()
+    pool = InferencePool(settings.max_concurrency, settings.max_queue)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if app.state.detector is None:
             await run_in_threadpool(_load_into, app, settings)
-        yield
+        try:
+            yield
+        finally:
+            pool.shutdown()
 
     app = FastAPI(
         title="RNNPool-Face",
@@ -155,15 +201,17 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
     )
     app.state.detector = detector
     app.state.load_error = None
+    app.state.pool = pool
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            _CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Content-Type", API_KEY_HEADER],
-            expose_headers=["X-Detections-Count", "X-Inference-Ms", "X-Model"],
+            expose_headers=["X-Detections-Count", "X-Inference-Ms", "X-Model", "Retry-After"],
         )
+    app.add_middleware(AccessLogMiddleware)  # added last: outermost, so it also sees CORS answers
 
     async def require_api_key(key: Annotated[str | None, Depends(_api_key_header)]) -> None:
         expected = settings.api_key.get_secret_value().encode() if settings.api_key else None
@@ -187,7 +235,7 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
         responses={
             200: {"content": {"image/jpeg": {"schema": _BINARY}},
                   "description": "the detections; with `annotate=true`, a JPEG with the boxes drawn"},
-            **_errors(400, 401, 413, 415, 422, 503),
+            **_DETECT_ERRORS,
         },
     )
     async def detect(
@@ -205,19 +253,37 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
             raise APIError(415, "unsupported_media_type",
                            f"Content-Type {shown} is not supported: send multipart/form-data (field 'file') or "
                            "image/jpeg, image/png, image/bmp or image/webp")
-        body = await _read_body(request, settings.max_body_bytes)
-        if not body:
-            raise APIError(400, "empty_body", "the request body is empty")
-        data = await _multipart_file(request.headers, body) if media_type == MULTIPART else body
-        del body
+        if pool.full:  # refuse before reading a byte of the body
+            raise _server_busy()
         score = settings.score_threshold if threshold is None else threshold
         cap = settings.max_detections if max_detections is None else max_detections
-        image, dets, ms = await run_in_threadpool(
-            _decode_and_detect, det, data, settings.max_pixels, score, cap, wanted
-        )
+        timeout = settings.request_timeout_s
+        reading = True
+        deadline = asyncio.timeout(timeout)
+        try:
+            async with deadline:
+                body = await _read_body(request, settings.max_body_bytes)
+                if not body:
+                    raise APIError(400, "empty_body", "the request body is empty")
+                data = await _multipart_file(request.headers, body) if media_type == MULTIPART else body
+                del body
+                reading = False
+                try:
+                    dets, ms, jpeg = await pool.run(
+                        _process, det, data, settings.max_pixels, settings.max_aspect_ratio, score, cap, wanted,
+                        annotate,
+                    )
+                except PoolFull:
+                    raise _server_busy() from None
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            if reading:
+                raise APIError(408, "request_timeout",
+                               f"the request body did not arrive within {timeout:g} s") from None
+            raise APIError(504, "timeout", f"no result within {timeout:g} s; the server is overloaded") from None
         headers = {"X-Detections-Count": str(len(dets)), "X-Inference-Ms": f"{ms:.2f}", "X-Model": det.name}
-        if annotate:
-            jpeg = await run_in_threadpool(_annotated_jpeg, dets, image)
+        if jpeg is not None:
             return Response(jpeg, media_type="image/jpeg", headers=headers)
         return _json_result(det.name, dets, ms, headers)
 
@@ -265,18 +331,30 @@ def _load_into(app: FastAPI, settings: Settings) -> None:
         )
         log.info("loaded model %s (%s backend)", app.state.detector.name, settings.backend)
     except (WeightsError, ValueError, OSError, ImportError) as e:
-        app.state.load_error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        log.error("model not loaded: %s", app.state.load_error)
+        log.error("model not loaded: %s", e)  # the full message (paths included) for the operator
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        app.state.load_error = redact_paths(first)  # what clients see
     except Exception as e:  # noqa: BLE001 - keep serving /health so the failure is visible
         app.state.load_error = f"unexpected {type(e).__name__} (see the server log)"
         log.exception("model not loaded")
 
 
-def _decode_and_detect(
-    det: Detector, data: bytes, max_pixels: int, threshold: float, max_detections: int, classes: list[str] | None
-) -> tuple[Any, Detections, float]:
-    """Runs in a worker thread: decode (CPU) and inference (CPU)."""
-    image = decode_image(data, max_pixels)
+def _process(
+    det: Detector,
+    data: bytes,
+    max_pixels: int,
+    max_aspect_ratio: float,
+    threshold: float,
+    max_detections: int,
+    classes: list[str] | None,
+    annotate: bool,
+) -> tuple[Detections, float, bytes | None]:
+    """Runs in a worker thread of the inference pool: decode, inference and (``annotate``) the JPEG, all CPU work.
+
+    Returns:
+        The detections, the detector's milliseconds, and the annotated JPEG (``None`` unless ``annotate``).
+    """
+    image = decode_image(data, max_pixels, max_aspect_ratio)
     start = time.perf_counter()
     # With a class filter the cap applies after filtering (the top boxes may all be of another class).
     cap = max_detections if classes is None else MAX_DETECTIONS
@@ -284,7 +362,7 @@ def _decode_and_detect(
     ms = (time.perf_counter() - start) * 1000.0
     if classes is not None:
         dets = dets.filter(classes=classes).select(slice(0, max_detections))
-    return image, dets, ms
+    return dets, ms, _annotated_jpeg(dets, image) if annotate else None
 
 
 def _annotated_jpeg(dets: Detections, image: Any) -> bytes:

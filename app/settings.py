@@ -25,6 +25,14 @@ class Settings(BaseSettings):
         max_detections: default cap on boxes per image when a request gives no ``max_detections``.
         max_body_bytes: largest accepted request body (multipart envelope included); larger -> 413.
         max_pixels: largest accepted image (width x height, read from the header before decoding); larger -> 413.
+        max_aspect_ratio: largest accepted ratio of the longer to the shorter image side; larger -> 422 (a
+            1-pixel-high strip within ``max_pixels`` would otherwise become a huge network input).
+        max_concurrency: images decoded and run through the model at the same time (worker threads); default 2,
+            the number of cores of the reference machine.
+        max_queue: further requests allowed to wait for a worker; when all workers are busy and the queue is full,
+            ``POST /detect`` answers 503 with ``Retry-After`` at once.
+        request_timeout_s: deadline of one ``POST /detect`` (reading the body, waiting in the queue, inference);
+            past it: 408 while the body is still arriving, else 504.
         cors_origins: origins allowed by CORS (JSON list or comma-separated); empty = no CORS headers.
         api_key: when set, ``POST /detect`` requires the header ``X-API-Key`` with this value.
     """
@@ -38,6 +46,10 @@ class Settings(BaseSettings):
     max_detections: int = Field(750, ge=1, le=1000)
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
+    max_aspect_ratio: float = Field(100.0, ge=1.0)
+    max_concurrency: int = Field(2, ge=1, le=256)
+    max_queue: int = Field(8, ge=0, le=100_000)
+    request_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     api_key: SecretStr | None = None
 
