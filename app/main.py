@@ -36,7 +36,7 @@ from starlette.requests import ClientDisconnect
 
 from app.access_log import AccessLogMiddleware, ensure_log_output
 from app.errors import APIError, error_response, install_error_handlers, redact_paths
-from app.imaging import MEDIA_TYPES, decode_image
+from detector.image_io import MEDIA_TYPES, ImageDecodeError, decode_image
 from app.limits import InferencePool, PoolFull
 from app.schemas import DetectResponse, ErrorResponse, HealthResponse, VersionResponse
 from app.settings import Settings
@@ -354,7 +354,10 @@ def _process(
     Returns:
         The detections, the detector's milliseconds, and the annotated JPEG (``None`` unless ``annotate``).
     """
-    image = decode_image(data, max_pixels, max_aspect_ratio)
+    try:
+        image = decode_image(data, max_pixels, max_aspect_ratio)
+    except ImageDecodeError as e:
+        raise APIError(e.status_code, e.code, e.message) from None
     start = time.perf_counter()
     # With a class filter the cap applies after filtering (the top boxes may all be of another class).
     cap = max_detections if classes is None else MAX_DETECTIONS

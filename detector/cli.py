@@ -35,7 +35,7 @@ def _detect_parser() -> argparse.ArgumentParser:
         + ", ".join(SUBCOMMANDS) + " (see 'detect SUBCOMMAND --help').",
     )
     p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_VIDEO",
-                   help="image files (JPEG, PNG, BMP, WebP, ...) or video files (" + ", ".join(VIDEO_SUFFIXES) + ")")
+                   help="image files (JPEG, PNG, BMP, WebP) or video files (" + ", ".join(VIDEO_SUFFIXES) + ")")
     p.add_argument("--webcam", type=int, metavar="N", help="read frames from camera N (OpenCV index)")
     p.add_argument("--weights", help="weights file, checkpoint or .onnx (default: the shipped weights)")
     p.add_argument("--model", help="variant whose shipped weights to use (default rnnpool_face_m4)")
@@ -47,18 +47,18 @@ def _detect_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_image(path: str):
-    import cv2
-    import numpy as np
+def _read_image(path: str, max_pixels: int = 100_000_000):
+    """Decodes an image file to BGR, validating it first (format, header size, truncation): see
+    :func:`detector.image_io.decode_image`."""
+    from detector.image_io import ImageDecodeError, decode_image
 
     p = Path(path)
     if not p.is_file():
         raise CLIError(f"no such file: {path}")
-    data = np.fromfile(p, dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is None:
-        raise CLIError(f"cannot decode image: {path} (not an image, truncated or unsupported format)")
-    return image
+    try:
+        return decode_image(p.read_bytes(), max_pixels=max_pixels)
+    except ImageDecodeError as e:
+        raise CLIError(f"{path}: {e.message}") from None
 
 
 def _threshold(value: float) -> float:
@@ -343,6 +343,9 @@ def run_models(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``detect`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    import cv2
+
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # errors are reported once, by us
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     handlers: dict[str, Any] = {"train": run_train, "eval": run_eval, "export": run_export, "serve": run_serve,
                                 "models": run_models}

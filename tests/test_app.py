@@ -211,12 +211,12 @@ def test_truncated_image(client, fake, ext):
 
 def test_jpeg_missing_only_its_end_marker_is_rejected(client, fake, monkeypatch):
     """Even when the decoder would return a (partial) image, a JPEG without EOI after its last scan is refused."""
-    import app.imaging
+    import detector.image_io
 
     data = encode(".jpg")
     assert data.endswith(b"\xff\xd9")
     decoded = []
-    monkeypatch.setattr(app.imaging.cv2, "imdecode", lambda *a: decoded.append(1) or np.zeros((4, 4, 3), np.uint8))
+    monkeypatch.setattr(detector.image_io.cv2, "imdecode", lambda *a: decoded.append(1) or np.zeros((4, 4, 3), np.uint8))
     assert_error(client.post("/detect", content=data[:-2], headers={"Content-Type": "image/jpeg"}), 400,
                  "truncated_image")
     assert not decoded and not fake.calls
@@ -260,10 +260,10 @@ def test_413_from_content_length_before_reading_the_body(fake):
 
 
 def test_decompression_bomb_is_413_before_decoding(client, fake, monkeypatch):
-    import app.imaging
+    import detector.image_io
 
     decoded = []
-    monkeypatch.setattr(app.imaging.cv2, "imdecode", lambda *a: decoded.append(1))
+    monkeypatch.setattr(detector.image_io.cv2, "imdecode", lambda *a: decoded.append(1))
     bomb = png_header(50_000, 50_000)
     assert len(bomb) < 200
     error = assert_error(client.post("/detect", content=bomb, headers={"Content-Type": "image/png"}), 413,

@@ -271,14 +271,14 @@ def test_slow_upload_is_408() -> None:
 
 
 def test_elongated_image_is_422_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    import app.imaging
+    import detector.image_io
 
     det = GateDetector()
     client = TestClient(create_app(Settings(), detector=det))
     strip = encode(".png", 2000, 2)  # 4000 pixels, but a network input ~ 16 x 17000
     decoded: list[int] = []
-    real = app.imaging.cv2.imdecode
-    monkeypatch.setattr(app.imaging.cv2, "imdecode", lambda *a: decoded.append(1) or real(*a))
+    real = detector.image_io.cv2.imdecode
+    monkeypatch.setattr(detector.image_io.cv2, "imdecode", lambda *a: decoded.append(1) or real(*a))
     error = assert_error(client.post("/detect", content=strip, headers={"Content-Type": "image/png"}), 422,
                          "unsupported_aspect_ratio")
     assert "2000x2" in error["message"] and not decoded and det.calls == 0

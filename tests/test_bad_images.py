@@ -154,24 +154,13 @@ CORPUS = [
     BadImage("cmyk.jpg", lambda: _pil(_photo().convert("CMYK"), "JPEG"), "image/jpeg", 200, None, cli_ok=True),
     BadImage("png_labelled_jpeg.jpg", lambda: _pil(_photo(), "PNG"), "image/jpeg", 200, None, cli_ok=True),
     BadImage("animated.webp", lambda: _animated("WEBP"), "image/webp", 200, None, cli_ok=True),
-    BadImage("animated.gif", lambda: _animated("GIF"), "image/png", 415, "unsupported_media_type", cli_ok=True),
-    BadImage("tiff.tif", lambda: _pil(_photo(), "TIFF"), "image/png", 415, "unsupported_media_type", cli_ok=True),
+    BadImage("animated.gif", lambda: _animated("GIF"), "image/png", 415, "unsupported_media_type", cli_ok=False),
+    BadImage("tiff.tif", lambda: _pil(_photo(), "TIFF"), "image/png", 415, "unsupported_media_type", cli_ok=False),
 ]
 IDS = [case.name for case in CORPUS]
 
 # What the CLI (detector/cli.py) gets wrong today; strict: the day it is fixed these fail, to remove the mark.
-CLI_KNOWN_ISSUES = {
-    "png_magic_then_garbage.png": "OpenCV's own '[ WARN:0@...] global grfmt_png.cpp:... read_chunk ...' and "
-                                  "'[ERROR:0@...] ... readHeader IHDR chunk shall be first ...' lines precede the "
-                                  "CLI's error line on stderr",
-    "truncated.png": "OpenCV's '[ WARN:0@...] global grfmt_png.cpp:... PNG input buffer is incomplete' line precedes "
-                     "the CLI's error line on stderr",
-    "huge_60000x60000.png": "cv2.imdecode raises cv2.error (not caught by _read_image): exit 1 and "
-                            "'detect: error (error): OpenCV(5.0.0) /io/opencv/modules/imgcodecs/src/loadsave.cpp:79: "
-                            "error: (-215:Assertion failed) pixels <= CV_IO_MAX_IMAGE_PIXELS ...'",
-    "huge_60000x60000.jpg": "same as the PNG: cv2.error from OpenCV's pixel limit escapes _read_image",
-    "huge_60000x60000.webp": "same as the PNG: cv2.error from OpenCV's pixel limit escapes _read_image",
-}
+CLI_KNOWN_ISSUES: dict[str, str] = {}  # file name -> why the CLI mishandles it (strict xfail)
 
 
 @pytest.fixture(scope="module")
@@ -202,11 +191,11 @@ def _check_response(r, case: BadImage) -> None:  # noqa: ANN001 - an httpx.Respo
 
 @pytest.mark.parametrize("case", CORPUS, ids=IDS)
 def test_service_outcome(client: TestClient, case: BadImage, monkeypatch: pytest.MonkeyPatch) -> None:
-    import app.imaging
+    import detector.image_io
 
     decoded: list[int] = []
-    real = app.imaging.cv2.imdecode
-    monkeypatch.setattr(app.imaging.cv2, "imdecode", lambda *a: decoded.append(1) or real(*a))
+    real = detector.image_io.cv2.imdecode
+    monkeypatch.setattr(detector.image_io.cv2, "imdecode", lambda *a: decoded.append(1) or real(*a))
     data = case.make()
     _check_response(client.post("/detect", content=data, headers={"Content-Type": case.content_type}), case)
     # As a multipart upload, with the annotated-JPEG variant for the good ones.

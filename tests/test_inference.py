@@ -98,7 +98,7 @@ def test_cli_json_and_save(random_weights, image_file, tmp_path, capsys):
     "args, message",
     [
         (["does_not_exist.jpg"], "no such file"),
-        (["{not_image}"], "cannot decode image"),
+        (["{not_image}"], "not a JPEG, PNG, BMP or WebP image"),
         (["{image}", "--threshold", "3"], "--threshold"),
         (["{image}", "--weights", "{not_image}"], "cannot read weights"),
     ],

@@ -1,4 +1,6 @@
-"""Turning untrusted uploaded bytes into a BGR image: format sniffing, size limits before decoding, truncation.
+"""Turning untrusted image bytes into a BGR image: format sniffing, size limits before decoding, truncation.
+
+Shared by the web service (uploads) and the ``detect`` command (files).
 
 The order matters: the header is read first (Pillow, lazily: no pixel data is decoded) so that a decompression
 bomb (a small file claiming a huge image) is rejected before OpenCV allocates anything.
@@ -13,9 +15,24 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from app.errors import APIError
 
-__all__ = ["MEDIA_TYPES", "SUPPORTED_FORMATS", "decode_image", "image_size", "sniff_format"]
+__all__ = ["MEDIA_TYPES", "SUPPORTED_FORMATS", "ImageDecodeError", "decode_image", "image_size", "sniff_format"]
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that are not an acceptable image; ``status_code`` and ``code`` say why (the service's HTTP status).
+
+    Args:
+        status_code: 400 empty/not an image/truncated, 413 too many pixels, 415 unsupported format, 422 too elongated.
+        code: stable ``snake_case`` reason.
+        message: human-readable explanation, safe to show to users.
+    """
+
+    def __init__(self, status_code: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.code = code
+        self.message = message
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "BMP", "WEBP")
 
@@ -70,7 +87,7 @@ def image_size(data: bytes, fmt: str) -> tuple[int, int]:
     """``(width, height)`` from the image header, without decoding the pixels.
 
     Raises:
-        APIError: 413 when Pillow itself flags a decompression bomb, 400 when the header is unreadable.
+        ImageDecodeError: 413 when Pillow itself flags a decompression bomb, 400 when the header is unreadable.
     """
     try:
         with warnings.catch_warnings():
@@ -79,9 +96,9 @@ def image_size(data: bytes, fmt: str) -> tuple[int, int]:
             with Image.open(io.BytesIO(data), formats=[fmt]) as im:
                 return im.size
     except Image.DecompressionBombError:
-        raise APIError(413, "image_too_large", "image has far too many pixels (a decompression bomb?)") from None
+        raise ImageDecodeError(413, "image_too_large", "image has far too many pixels (a decompression bomb?)") from None
     except Exception:  # noqa: BLE001 - Pillow raises many types on malformed headers
-        raise APIError(400, "invalid_image", f"cannot read the {fmt} image header (corrupt file?)") from None
+        raise ImageDecodeError(400, "invalid_image", f"cannot read the {fmt} image header (corrupt file?)") from None
 
 
 def _is_complete(data: bytes, fmt: str) -> bool:
@@ -119,37 +136,37 @@ def decode_image(data: bytes, max_pixels: int, max_aspect_ratio: float | None = 
         ``(H, W, 3)`` uint8 BGR image (EXIF orientation applied, as OpenCV does).
 
     Raises:
-        APIError: 400 empty / not an image / truncated or corrupt, 413 too many pixels, 415 unsupported format,
+        ImageDecodeError: 400 empty / not an image / truncated or corrupt, 413 too many pixels, 415 unsupported format,
             422 too elongated.
     """
     if not data:
-        raise APIError(400, "empty_body", f"no image data: {_ACCEPTED}")
+        raise ImageDecodeError(400, "empty_body", f"no image data: {_ACCEPTED}")
     fmt = sniff_format(data)
     if fmt is None:
         other = _other_format(data)
         if other is not None:
-            raise APIError(415, "unsupported_media_type", f"{other} images are not supported: {_ACCEPTED}")
-        raise APIError(400, "invalid_image", "not a JPEG, PNG, BMP or WebP image")
+            raise ImageDecodeError(415, "unsupported_media_type", f"{other} images are not supported: {_ACCEPTED}")
+        raise ImageDecodeError(400, "invalid_image", "not a JPEG, PNG, BMP or WebP image")
     try:
         width, height = image_size(data, fmt)
-    except APIError as e:
+    except ImageDecodeError as e:
         if e.status_code == 400 and not _is_complete(data, fmt):  # e.g. a WebP cut short: say so
-            raise APIError(400, "truncated_image", f"the {fmt} file is truncated or corrupt") from None
+            raise ImageDecodeError(400, "truncated_image", f"the {fmt} file is truncated or corrupt") from None
         raise
     if width <= 0 or height <= 0:
-        raise APIError(400, "invalid_image", "image has no pixels")
+        raise ImageDecodeError(400, "invalid_image", "image has no pixels")
     if width * height > max_pixels:
-        raise APIError(
+        raise ImageDecodeError(
             413, "image_too_large", f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
         )
     if max_aspect_ratio is not None and max(width, height) > max_aspect_ratio * min(width, height):
-        raise APIError(
+        raise ImageDecodeError(
             422, "unsupported_aspect_ratio",
             f"image is {width}x{height}; the longer side may be at most {max_aspect_ratio:g} times the shorter",
         )
     if not _is_complete(data, fmt):
-        raise APIError(400, "truncated_image", f"the {fmt} file is truncated or corrupt")
+        raise ImageDecodeError(400, "truncated_image", f"the {fmt} file is truncated or corrupt")
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if image is None or image.size == 0:
-        raise APIError(400, "invalid_image", f"cannot decode the {fmt} image (corrupt file?)")
+        raise ImageDecodeError(400, "invalid_image", f"cannot decode the {fmt} image (corrupt file?)")
     return image
