@@ -22,6 +22,9 @@ def atomic_open(path: str | Path, mode: str = "wb", encoding: str | None = None)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make shipped files unreadable to others
     try:
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
