@@ -123,3 +123,41 @@ def test_kill_9_then_resume_continues_from_the_last_complete_epoch(voc, tmp_path
     steps_per_epoch = 4  # 9 images, batch 2, drop_last
     assert ckpt["scheduler"]["last_epoch"] == 4 * steps_per_epoch
     assert all("momentum_buffer" in s for s in ckpt["optimizer"]["state"].values())
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(voc, tmp_path, monkeypatch,
+                                                                                        capsys):
+    from detector.loss import MultiBoxLoss
+
+    out = tmp_path / "nan"
+    train(_cfg(voc, out, 1))
+    good = load_checkpoint(out / "last.pt")
+    real_forward = MultiBoxLoss.forward
+
+    def poisoned(self, *args, **kwargs):
+        result = real_forward(self, *args, **kwargs)
+        result.loss = result.loss * float("nan")
+        return result
+
+    monkeypatch.setattr(MultiBoxLoss, "forward", poisoned)
+    code = main(["train", "--data", str(voc.root), "--train-split", voc.split, "--val-split", "none", "--epochs", "3",
+                 "--batch-size", "4", "--workers", "0", "--no-progress", "--out", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert code != 0 and "non-finite loss at epoch 2" in err and "Traceback" not in err
+    after = load_checkpoint(out / "last.pt")
+    assert after["epoch"] == good["epoch"] == 1
+    torch.testing.assert_close(after["state_dict"], good["state_dict"])
+
+
+def test_eval_cli_on_wider_layout_ignores_invalid_faces(tmp_path, capsys):
+    from synthetic_data import make_wider_tree
+
+    wider = make_wider_tree(tmp_path / "wider")
+    weights = tmp_path / "w.pt"
+    from detector import build_model
+    from detector.checkpoint import save_weights
+
+    save_weights(weights, build_model("rnnpool_face_m4"))
+    assert main(["eval", "--weights", str(weights), "--data", str(wider.root), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["split"] == "val" and result["images"] == wider.expected["images"]
