@@ -246,14 +246,19 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="VOC split name or id file (default partB_val); WIDER subset (val)")
     p.add_argument("--pr-curve", default=None, metavar="PNG", help="where to write the PR curve (default: none)")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "int8"],
+                   help="torch (default); onnx (onnxruntime, fixed input size); int8 (the integer-only reference "
+                        "of the microcontroller build, calibrated on 200 partB_train images)")
     p.add_argument("--device", default="auto")
     return p
 
 
 def run_eval(argv: Sequence[str]) -> int:
+    import torch
+
+    from detector.backends import load_detector
     from detector.engine import EvalSet, evaluate
     from detector.evaluation import plot_pr_curve
-    from detector.inference import Detector
     from detector.train import _device, load_records
 
     a = _eval_parser().parse_args(argv)
@@ -262,19 +267,28 @@ def run_eval(argv: Sequence[str]) -> int:
         raise CLIError(f"dataset folder not found: {a.data}")
     fmt = a.format if a.format != "auto" else ("wider" if (data / "wider_face_split").is_dir() else "voc")
     split = a.split or ("val" if fmt == "wider" else "partB_val")
-    detector = Detector(weights=a.weights)
-    device = _device(a.device)
+    device = _device(a.device) if a.backend == "torch" else torch.device("cpu")
+    runner = None
+    if a.backend == "int8":
+        from detector.checkpoint import default_weights_path
+        from detector.export.m4 import Int8Detector
+
+        detector = Int8Detector.from_weights(a.weights or default_weights_path())
+        runner = detector.run_network
+    else:
+        detector = load_detector(weights=a.weights, backend=a.backend)
+        runner = detector.run_network if a.backend == "onnx" else None
     model = detector.model.to(device)
     records = load_records(data, fmt, split)
-    eval_set = EvalSet.build(records, model, progress=sys.stderr.isatty())
-    m = evaluate(model, eval_set, device)
+    eval_set = EvalSet.build(records, model, resize=detector.resize, progress=sys.stderr.isatty())
+    m = evaluate(model, eval_set, device, runner=runner)
     if a.pr_curve:
         plot_pr_curve({f"{model.config.name} ({split})": m["pr"]}, a.pr_curve, title=f"PR curve, IoU 0.5 - {data.name}")
-    result = {"model": model.config.name, "weights": str(detector.weights_path), "data": str(data), "split": split,
+    result = {"model": model.config.name, "backend": a.backend, "weights": str(detector.weights_path), "data": str(data), "split": split,
               "images": m["images"], "ap50": round(m["ap50"], 4), "ap": round(m["ap"], 4),
               "coco_ap50": round(m["coco_ap50"], 4), "ar": round(m["ar"], 4),
               "images_per_s": round(m["images_per_s"], 1)}
-    print(f"{result['model']} on {data.name}/{split} ({result['images']} images)")
+    print(f"{result['model']} ({a.backend}) on {data.name}/{split} ({result['images']} images)")
     print(f"  AP50 (VOC, IoU 0.5)   {result['ap50']:.4f}")
     print(f"  COCO AP@[.5:.95]      {result['ap']:.4f}")
     print(f"  COCO AP50             {result['coco_ap50']:.4f}")
@@ -291,8 +305,13 @@ def run_eval(argv: Sequence[str]) -> int:
 
 
 def run_export(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="detect export", description="Export trained weights.")
-    p.add_argument("format", choices=["onnx"], help="onnx: the raw network for onnxruntime")
+    if argv and argv[0] == "m4":  # int8 C for the Cortex-M4: its own options (detect export m4 --help)
+        from detector.export.m4 import main as export_m4
+
+        return export_m4(list(argv[1:]))
+    p = argparse.ArgumentParser(prog="detect export", description="Export trained weights: 'onnx', or 'm4' (int8 "
+                                "C for a Cortex-M4; see 'detect export m4 --help').")
+    p.add_argument("format", choices=["onnx", "m4"], help="onnx: the raw network for onnxruntime")
     p.add_argument("--weights", help="weights file or checkpoint (default: the shipped weights)")
     p.add_argument("--out", required=True, help="output file")
     a = p.parse_args(argv)

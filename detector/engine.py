@@ -151,8 +151,14 @@ def predict(
     device: torch.device,
     config: PostprocessConfig = PostprocessConfig(score_threshold=0.01, max_detections=750),
     batch_size: int = 16,
+    runner: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[dict[str, Detections], float]:
     """Runs the model on every image of ``eval_set``.
+
+    Args:
+        model: the network (its geometry gives the anchors; it computes the outputs unless ``runner`` is given).
+        runner: another backend computing the raw outputs of one ``(C, h, w)`` float input, e.g.
+            ``Detector.run_network`` of the ONNX or int8 backends; images then go one at a time.
 
     Returns:
         Detections keyed by image id (original-image pixels) and images/s (network + postprocess).
@@ -169,8 +175,12 @@ def predict(
         anchors = make_anchors(net.feature_sizes(*shape[1:]), net.anchor_specs()).to(device)
         for b in range(0, len(idx), batch_size):
             chunk = idx[b : b + batch_size]
-            x = torch.from_numpy(np.stack([eval_set.inputs[i] for i in chunk])).to(device).float()
-            cls_logits, box_deltas = model(x)
+            if runner is None:
+                x = torch.from_numpy(np.stack([eval_set.inputs[i] for i in chunk])).to(device).float()
+                cls_logits, box_deltas = model(x)
+            else:
+                outs = [runner(eval_set.inputs[i].astype(np.float32)) for i in chunk]
+                cls_logits, box_deltas = (torch.cat(t).to(device) for t in zip(*outs))
             recs = [eval_set.records[i] for i in chunk]
             dets = postprocess(cls_logits, box_deltas, anchors, [eval_set.scales[i] for i in chunk],
                                [(r.width, r.height) for r in recs], net.config.class_names, config)
@@ -186,6 +196,7 @@ def evaluate(
     device: torch.device,
     label: int = 1,
     coco: bool = True,
+    runner: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
     """AP50 (VOC all-point, IoU 0.5, ignore regions honoured), COCO AP@[.5:.95]/AP50/AR and images/s.
 
@@ -195,7 +206,7 @@ def evaluate(
     """
     from detector.evaluation import coco_metrics, voc_ap
 
-    preds, rate = predict(model, eval_set, device)
+    preds, rate = predict(model, eval_set, device, runner=runner)
     ap = voc_ap(eval_set.records, preds, iou_threshold=0.5, label=label)
     out: dict[str, Any] = {"ap50": float(ap.ap), "images": len(eval_set.records), "images_per_s": rate, "pr": ap}
     if coco:
