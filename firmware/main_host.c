@@ -5,6 +5,11 @@
 
 #include "model.h"
 
+#if defined(RP_GUARD_BYTES) && RP_GUARD_BYTES > 0
+void network_guard_fill(void);
+unsigned network_guard_check(void);
+#endif
+
 static void emit_print(void *ctx, int head, const int32_t *v, int n)
 {
     FILE *f = (FILE *)ctx;
@@ -31,7 +36,21 @@ int main(int argc, char **argv)
         fprintf(stderr, "%s: expected %d bytes, got %zu\n", argv[1], RP_FRAME_BYTES, got);
         return 1;
     }
+#if defined(RP_GUARD_BYTES) && RP_GUARD_BYTES > 0
+    network_guard_fill();
+#ifdef RP_GUARD_SELFTEST /* proves the check works: one byte written just past the arena */
+    network_input()[RP_ARENA_BYTES] = 0;
+#endif
+#endif
     network_run(emit_print, stdout);
     printf("# arena_bytes %d\n", RP_ARENA_BYTES);
+#if defined(RP_GUARD_BYTES) && RP_GUARD_BYTES > 0
+    unsigned touched = network_guard_check();
+    printf("# guard_bytes_touched %u\n", touched);
+    if (touched) {
+        fprintf(stderr, "%u guard bytes around the arena were overwritten\n", touched);
+        return 3;
+    }
+#endif
     return 0;
 }

@@ -134,6 +134,25 @@ def test_sanitizer_build_on_adversarial_frames(project, kind):
         np.testing.assert_array_equal(h, r)
 
 
+@needs_host
+def test_generated_c_never_writes_outside_its_arena(project):
+    """256 guard bytes on each side of the arena keep their fill pattern on every kind of frame; a build that
+    writes one byte past the arena on purpose is caught."""
+    import subprocess
+
+    qm, out, _, frames = project
+    rng = np.random.default_rng(11)
+    for frame in (frames[0], rng.integers(0, 256, (240, 320), dtype=np.uint8), np.full((240, 320), 255, np.uint8)):
+        text = m4.run_host(out, frame, "guard")
+        assert "# guard_bytes_touched 0" in text
+        heads, _ = m4.parse_output(text)
+        for h, r in zip(heads, m4.reference_output(qm, frame)):
+            np.testing.assert_array_equal(h, r)
+    selftest = subprocess.run([str(out / "build" / "detect_guard_selftest"), str(out / "frame.raw")],
+                              capture_output=True, text=True)
+    assert selftest.returncode == 3 and "# guard_bytes_touched 1" in selftest.stdout
+
+
 @needs_qemu
 def test_m4_build_under_qemu_is_bit_exact_with_host(project):
     qm, out, _, frames = project
