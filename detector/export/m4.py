@@ -32,6 +32,7 @@ import torch
 
 from detector.export.int8_ref import run_int8, run_int8_heads
 from detector.export.quantize import ConvQ, QuantModel, RnnCellQ, quantize_from_checkpoint, sigmoid_lut, tanh_lut
+from detector.fileio import atomic_open
 from detector.inference import Detector
 from detector.models.rnnpool_face import RNNPoolFace
 
@@ -446,16 +447,22 @@ def network_c(qm: QuantModel, plan: MemoryPlan) -> str:
         *calls, "}", ""])
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Exported files are replaced whole (see :mod:`detector.fileio`): an interrupted export never leaves a torn one."""
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 def generate(qm: QuantModel, out: str | Path) -> MemoryPlan:
     """Writes the C project for ``qm`` into ``out`` (created); returns its memory plan."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan = memory_plan(qm)
     for name in FIRMWARE_FILES:
-        shutil.copyfile(FIRMWARE_DIR / name, out / name)
-    (out / "weights.c").write_text(weights_c(qm))
-    (out / "model.h").write_text(model_h(qm, plan))
-    (out / "network.c").write_text(network_c(qm, plan))
+        _write_atomic(out / name, (FIRMWARE_DIR / name).read_text())
+    _write_atomic(out / "weights.c", weights_c(qm))
+    _write_atomic(out / "model.h", model_h(qm, plan))
+    _write_atomic(out / "network.c", network_c(qm, plan))
     return plan
 
 
@@ -624,8 +631,8 @@ def main(argv: list[str] | None = None) -> int:
             detail = getattr(e, "stderr", "") or ""
             print(f"error: build or run failed: {e}\n{detail[-2000:]}", file=sys.stderr)
             return 1
-    (out / "report.md").write_text(report_markdown(plan, measured))
-    (out / "report.json").write_text(json.dumps(
+    _write_atomic(out / "report.md", report_markdown(plan, measured))
+    _write_atomic(out / "report.json", json.dumps(
         {"arena_bytes": plan.arena, "frame_bytes": plan.frame, "scratch_bytes": plan.scratch,
          "stage_scratch": plan.stage_scratch, "flash_weights_bytes": plan.flash_weights, "macs": plan.macs,
          "scales": qm.scales, **{k: v for k, v in measured.items()}}, indent=2))
