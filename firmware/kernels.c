@@ -189,7 +189,9 @@ static void cell_step_acc(const cell_t *c, const int32_t *wx, int16_t *h, int fi
     cell_update(c, acc, h);
 }
 
-/* rnn1 step on a 4-channel int8 pixel: h <- cell(h, x), W x and U h in one accumulator */
+/* rnn1 step on a 4-channel int8 pixel: h <- cell(h, x), W x and U h in one accumulator.
+ * The U h loop repeats cell_uh's on purpose: fused with W x it saves a store and a reload of acc[] per unit in
+ * the hottest loop of the network (rnn1 is most of RNNPool's instructions). */
 static void cell_step_px(const cell_t *c, const int8_t *px, int16_t *h, int first)
 {
     int32_t acc[RP_H];
