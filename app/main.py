@@ -43,6 +43,7 @@ from app.settings import Settings
 
 if TYPE_CHECKING:
     from detector.detections import Detections
+    from detector.detector_group import DetectorGroup
     from detector.inference import Detector
 
 __all__ = ["STATIC_DIR", "create_app", "serve"]
@@ -106,22 +107,19 @@ def _server_busy() -> APIError:
                     headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-def _parse_classes(classes: str | None, known: tuple[str, ...]) -> list[str] | None:
-    """``"head,face"`` -> ``["head", "face"]``; ``None`` when not given.
+def _parse_classes(classes: str | None, group: DetectorGroup) -> tuple[str, ...]:
+    """``"head,face"`` -> ``("head", "face")`` (the group's order); ``None`` -> the group's default classes.
 
     Raises:
-        APIError: 422 for an empty list or a class the model does not know.
+        APIError: 422 for an empty list or a class no loaded model detects.
     """
-    if classes is None:
-        return None
-    wanted = [c.strip() for c in classes.split(",") if c.strip()]
-    if not wanted:
-        raise APIError(422, "validation_error", "classes must name at least one class")
-    unknown = sorted(set(wanted) - set(known))
-    if unknown:
-        raise APIError(422, "unknown_class",
-                       f"unknown class(es) {', '.join(unknown)}; this model has: {', '.join(known)}")
-    return wanted
+    from detector.detector_group import parse_classes
+
+    try:
+        return group.resolve(parse_classes(classes))
+    except ValueError as e:
+        code = "validation_error" if "at least one" in str(e) else "unknown_class"
+        raise APIError(422, code, str(e)) from None
 
 
 def _media_type(request: Request) -> str:
@@ -168,12 +166,13 @@ async def _multipart_file(headers: Headers, body: bytes) -> bytes:
         await form.close()
 
 
-def create_app(settings: Settings | None = None, detector: Detector | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, detector: Detector | DetectorGroup | None = None) -> FastAPI:
     """Builds the service.
 
     Args:
         settings: configuration; default: :class:`Settings` read from the environment now.
-        detector: an already built detector (tests); default: loaded once at startup from ``settings``.
+        detector: an already built detector or detector group (tests); default: the head model and, when shipped,
+            the face model, loaded once at startup from ``settings``.
 
     Returns:
         The FastAPI application (an ASGI app).
@@ -199,6 +198,10 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
         summary="Head detection with a model small enough for a microcontroller.",
         lifespan=lifespan,
     )
+    if detector is not None and not hasattr(detector, "resolve"):
+        from detector.detector_group import DetectorGroup
+
+        detector = DetectorGroup([detector], settings.default_classes or None)
     app.state.detector = detector
     app.state.load_error = None
     app.state.pool = pool
@@ -219,7 +222,7 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
             raise APIError(401, "unauthorized", f"missing or wrong {API_KEY_HEADER} header",
                            headers={"WWW-Authenticate": "APIKey"})
 
-    def loaded_detector() -> Detector:
+    def loaded_detector() -> DetectorGroup:
         det = app.state.detector
         if det is None:
             reason = app.state.load_error or "starting up"
@@ -229,7 +232,7 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
     @app.post(
         "/detect",
         response_model=DetectResponse,
-        summary="Detect heads in one image",
+        summary="Detect heads (and, with classes, faces) in one image",
         dependencies=[Depends(require_api_key)] if settings.api_key else [],
         openapi_extra=_DETECT_BODY,
         responses={
@@ -243,10 +246,12 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
         threshold: Annotated[float | None, Query(ge=0.0, le=1.0, description="minimum score")] = None,
         max_detections: Annotated[int | None, Query(ge=1, le=MAX_DETECTIONS, description="box cap")] = None,
         annotate: Annotated[bool, Query(description="return image/jpeg with the boxes drawn instead of JSON")] = False,
-        classes: Annotated[str | None, Query(description="comma-separated class names to keep (default: all)")] = None,
+        classes: Annotated[str | None, Query(
+            description="what to detect: comma-separated class names (`head`, `face`) or `all`; default: the "
+                        "server's default classes (`head`, see GET /version)")] = None,
     ) -> Any:
         det = loaded_detector()
-        wanted = _parse_classes(classes, tuple(det.class_names))
+        wanted = _parse_classes(classes, det)
         media_type = _media_type(request)
         if media_type != MULTIPART and media_type not in MEDIA_TYPES:
             shown = media_type or "none"
@@ -282,10 +287,11 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
                 raise APIError(408, "request_timeout",
                                f"the request body did not arrive within {timeout:g} s") from None
             raise APIError(504, "timeout", f"no result within {timeout:g} s; the server is overloaded") from None
-        headers = {"X-Detections-Count": str(len(dets)), "X-Inference-Ms": f"{ms:.2f}", "X-Model": det.name}
+        model = "+".join(det.model_names(wanted))
+        headers = {"X-Detections-Count": str(len(dets)), "X-Inference-Ms": f"{ms:.2f}", "X-Model": model}
         if jpeg is not None:
             return Response(jpeg, media_type="image/jpeg", headers=headers)
-        return _json_result(det.name, dets, ms, headers)
+        return _json_result(model, dets, ms, headers)
 
     @app.get("/health", response_model=HealthResponse, summary="Liveness and model status",
              responses={503: {"model": HealthResponse, "description": "the model is not loaded"}})
@@ -305,6 +311,7 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
             model=det.name if det is not None else None,
             backend=settings.backend,
             classes=list(det.class_names) if det is not None else [],
+            default_classes=list(det.default_classes) if det is not None else [],
             default_threshold=settings.score_threshold,
         )
 
@@ -318,18 +325,21 @@ def create_app(settings: Settings | None = None, detector: Detector | None = Non
 
 def _load_into(app: FastAPI, settings: Settings) -> None:
     """Loads the detector once at startup; on failure the service stays up and reports it (health: 503)."""
-    from detector.backends import load_detector
     from detector.checkpoint import WeightsError
+    from detector.detector_group import load_detector_group
 
     try:
-        app.state.detector = load_detector(
+        app.state.detector = load_detector_group(
             weights=settings.weights,
             model=settings.model,
             backend=settings.backend,
+            face_weights=settings.face_weights,
+            default_classes=settings.default_classes or None,
             score_threshold=settings.score_threshold,
             max_detections=settings.max_detections,
         )
-        log.info("loaded model %s (%s backend)", app.state.detector.name, settings.backend)
+        log.info("loaded %s (%s backend; classes %s, default %s)", app.state.detector.name, settings.backend,
+                 ",".join(app.state.detector.class_names), ",".join(app.state.detector.default_classes))
     except (WeightsError, ValueError, OSError, ImportError) as e:
         log.error("model not loaded: %s", e)  # the full message (paths included) for the operator
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -340,13 +350,13 @@ def _load_into(app: FastAPI, settings: Settings) -> None:
 
 
 def _process(
-    det: Detector,
+    det: DetectorGroup,
     data: bytes,
     max_pixels: int,
     max_aspect_ratio: float,
     threshold: float,
     max_detections: int,
-    classes: list[str] | None,
+    classes: tuple[str, ...],
     annotate: bool,
 ) -> tuple[Detections, float, bytes | None]:
     """Runs in a worker thread of the inference pool: decode, inference and (``annotate``) the JPEG, all CPU work.
@@ -359,12 +369,8 @@ def _process(
     except ImageDecodeError as e:
         raise APIError(e.status_code, e.code, e.message) from None
     start = time.perf_counter()
-    # With a class filter the cap applies after filtering (the top boxes may all be of another class).
-    cap = max_detections if classes is None else MAX_DETECTIONS
-    dets = det(image, score_threshold=threshold, max_detections=cap)
+    dets = det(image, score_threshold=threshold, max_detections=max_detections, classes=classes)
     ms = (time.perf_counter() - start) * 1000.0
-    if classes is not None:
-        dets = dets.filter(classes=classes).select(slice(0, max_detections))
     return dets, ms, _annotated_jpeg(dets, image) if annotate else None
 
 

@@ -68,7 +68,8 @@ class VersionResponse(BaseModel):
     """``GET /version``."""
 
     version: str = Field(description="package version", examples=["0.1.0"])
-    model: str | None = Field(description="model variant, when loaded")
+    model: str | None = Field(description="loaded model variant(s), joined by +, when loaded")
     backend: str = Field(examples=["torch"])
-    classes: list[str] = Field(description="class names the model detects")
+    classes: list[str] = Field(description="class names the loaded models detect (`classes` of POST /detect)")
+    default_classes: list[str] = Field(description="classes returned when a request names none")
     default_threshold: float = Field(description="score threshold used when a request gives none")

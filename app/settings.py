@@ -21,6 +21,8 @@ class Settings(BaseSettings):
         weights: weights file (torch) or ``.onnx`` file; ``None`` = the shipped weights of ``model``.
         model: variant name whose shipped weights to load (default ``rnnpool_face_m4``).
         backend: ``"torch"`` or ``"onnx"``.
+        face_weights: weights of the face model; ``None`` = the shipped face weights when they exist.
+        default_classes: classes a request without ``classes`` gets (JSON list or comma-separated); empty = heads.
         score_threshold: default minimum score when a request gives no ``threshold``.
         max_detections: default cap on boxes per image when a request gives no ``max_detections``.
         max_body_bytes: largest accepted request body (multipart envelope included); larger -> 413.
@@ -42,6 +44,8 @@ class Settings(BaseSettings):
     weights: Path | None = None
     model: str | None = None
     backend: Literal["torch", "onnx"] = "torch"
+    face_weights: Path | None = None
+    default_classes: Annotated[list[str], NoDecode] = Field(default_factory=list)
     score_threshold: float = Field(0.5, ge=0.0, le=1.0)
     max_detections: int = Field(750, ge=1, le=1000)
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1)
@@ -53,7 +57,7 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     api_key: SecretStr | None = None
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "default_classes", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
         """Accepts ``'["https://a", "https://b"]'``, ``"https://a,https://b"`` or a list."""

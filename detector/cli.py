@@ -41,6 +41,10 @@ def _detect_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="variant whose shipped weights to use (default rnnpool_face_m4)")
     p.add_argument("--backend", default="torch", choices=["torch", "onnx"], help="inference backend (default torch)")
     p.add_argument("--threshold", type=float, default=0.5, help="minimum score (default 0.5)")
+    p.add_argument("--classes", default=None, metavar="NAMES",
+                   help="what to detect: head (default), face, 'head,face' or all; faces use the shipped face model "
+                        "(or --face-weights)")
+    p.add_argument("--face-weights", default=None, help="weights of the face model (default: the shipped ones)")
     p.add_argument("--json", action="store_true", help="print one JSON object per image / frame")
     p.add_argument("--save", metavar="DIR", help="write annotated images (or the annotated video) to DIR")
     p.add_argument("--max-frames", type=int, default=None, help="videos/webcam: stop after N frames")
@@ -67,15 +71,29 @@ def _threshold(value: float) -> float:
     return value
 
 
-def run_detect(args: argparse.Namespace) -> int:
-    from detector.backends import load_detector
+def _load_group(args: argparse.Namespace):
+    """The detector group of ``detect`` with the requested classes checked (one clear error if unavailable)."""
+    from detector.detector_group import load_detector_group, parse_classes
 
+    try:
+        classes = parse_classes(args.classes)
+    except ValueError as e:
+        raise CLIError(f"--classes: {e}") from None
+    group = load_detector_group(weights=args.weights, model=args.model, backend=args.backend,
+                                face_weights=args.face_weights, score_threshold=_threshold(args.threshold))
+    try:
+        group.default_classes = group.resolve(classes)
+    except ValueError as e:
+        raise CLIError(f"--classes: {e}") from None
+    return group
+
+
+def run_detect(args: argparse.Namespace) -> int:
     if not args.inputs and args.webcam is None:
         raise CLIError("give image or video files, or --webcam N (see 'detect --help')")
     if args.inputs and args.webcam is not None:
         raise CLIError("give either files or --webcam, not both")
-    detector = load_detector(weights=args.weights, model=args.model, backend=args.backend,
-                             score_threshold=_threshold(args.threshold))
+    detector = _load_group(args)
     save_dir = Path(args.save) if args.save else None
     if save_dir:
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -98,10 +116,9 @@ def _report_image(detector, path: str, image, args: argparse.Namespace, save_dir
 
     dets = detector(image)
     if args.json:
-        print(json.dumps({"image": path, "model": detector.name, **dets.to_dict()}))
+        print(json.dumps({"image": path, "model": "+".join(detector.model_names()), **dets.to_dict()}))
     else:
-        noun = detector.class_names[0] if len(detector.class_names) == 1 else "object"
-        print(f"{path}: {len(dets)} {noun}{'s' if len(dets) != 1 else ''}")
+        print(f"{path}: {_count_text(dets)}")
         for box, score, name in zip(dets.boxes_xyxy, dets.scores, dets.label_names):
             x0, y0, x1, y1 = box
             print(f"  {name:5s} {score:.3f}  x0={x0:7.1f} y0={y0:7.1f} x1={x1:7.1f} y1={y1:7.1f}")
@@ -110,6 +127,11 @@ def _report_image(detector, path: str, image, args: argparse.Namespace, save_dir
         cv2.imwrite(str(out), dets.draw(image))
         if not args.json:
             print(f"  saved {out}")
+
+
+def _count_text(dets) -> str:
+    """``"3 heads"``, ``"1 head, 2 faces"``."""
+    return ", ".join(f"{n} {name}{'s' if n != 1 else ''}" for name, n in dets.counts().items())
 
 
 def _open_window() -> bool:
@@ -150,7 +172,7 @@ def _run_stream(detector, source: str | int, name: str, args: argparse.Namespace
             if args.json:
                 print(json.dumps({"source": str(source), "frame": frames - 1, **dets.to_dict()}), flush=True)
             else:
-                print(f"{name} frame {frames - 1}: {len(dets)} {detector.class_names[0]}s ({fps:.1f} FPS)", flush=True)
+                print(f"{name} frame {frames - 1}: {_count_text(dets)} ({fps:.1f} FPS)", flush=True)
             if window or save_dir:
                 annotated = dets.draw(frame)
                 cv2.putText(annotated, f"{fps:.1f} FPS", (8, 48), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (255, 255, 255), 2)
@@ -205,6 +227,14 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-train-images", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--face-labels", default=None, metavar="JSON",
+                   help="train a face model from teacher face boxes on the VOC images ('auto': DATA/faces_retinaface.json)")
+    p.add_argument("--face-min-score", type=float, default=d.face_min_score,
+                   help="teacher score that makes a face; lower-scored teacher boxes are ignore regions")
+    p.add_argument("--holdout", type=int, default=0,
+                   help="hold out N training images (seeded draw) for model selection instead of --val-split; "
+                        "OUT/best.pt keeps the best of them")
+    p.add_argument("--init-weights", default=None, help="start from these weights (matching tensors) with a fresh schedule")
     p.add_argument("--compile", action="store_true", help="torch.compile RNNPool (several times faster on CPU)")
     p.add_argument("--out", required=True, help="run folder: checkpoints, metrics.jsonl, curves.png")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -225,7 +255,9 @@ def run_train(argv: Sequence[str]) -> int:
         val_split=None if str(a.val_split).lower() == "none" else a.val_split, epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, warmup_epochs=a.warmup_epochs,
         ema_decay=a.ema_decay, eval_every=a.eval_every, num_workers=a.workers, device=a.device, seed=a.seed,
-        max_train_images=a.max_train_images, compile=a.compile, progress=not a.no_progress,
+        max_train_images=a.max_train_images, holdout=a.holdout, face_labels=a.face_labels, face_min_score=a.face_min_score,
+        init_weights=a.init_weights, compile=a.compile,
+        progress=not a.no_progress,
     )
     row = train(cfg, resume=a.resume)
     if os.environ.get("RANK", "0") != "0":  # torchrun: only rank 0 reports

@@ -66,6 +66,32 @@ class Detections:
             keep &= np.isin(self.labels, wanted)
         return self.select(keep)
 
+    @classmethod
+    def concat(cls, parts: list[Detections], class_names: tuple[str, ...]) -> Detections:
+        """Merges detections of one image from several models into one set over ``class_names``.
+
+        Labels are remapped by name (every class a part's boxes carry must be in ``class_names``); the result is
+        sorted by score, descending (stable). ``image_size`` is the first part's (all must agree); ``extra`` dicts are merged.
+        """
+        if not parts:
+            return cls(np.zeros((0, 4)), np.zeros(0), np.zeros(0), class_names)
+        if len({p.image_size for p in parts}) > 1:
+            raise ValueError("cannot merge detections of different image sizes")
+        labels = []
+        for p in parts:
+            missing = sorted(set(p.label_names) - set(class_names))
+            if missing:
+                raise ValueError(f"classes {missing} are not in {list(class_names)}")
+            lut = np.array([0] + [class_names.index(n) + 1 if n in class_names else 0 for n in p.class_names])
+            labels.append(lut[p.labels].astype(np.int64))
+        scores = np.concatenate([p.scores for p in parts])
+        order = np.argsort(-scores, kind="stable")
+        extra: dict[str, Any] = {}
+        for p in parts:
+            extra.update(p.extra)
+        return cls(np.concatenate([p.boxes_xyxy for p in parts])[order], scores[order],
+                   np.concatenate(labels)[order], tuple(class_names), parts[0].image_size, extra)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: boxes rounded to 0.01 px, scores to 1e-4."""
         w, h = self.image_size

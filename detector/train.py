@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from detector.checkpoint import FORMAT, WeightsError, atomic_save, load_checkpoint, save_weights
+from detector.checkpoint import FORMAT, WeightsError, atomic_save, load_checkpoint, load_model, save_weights
 from detector.fileio import atomic_open
 from detector.engine import EvalSet, NonFiniteLossError, cosine_warmup, evaluate, train_one_epoch
 from detector.loss import MultiBoxLoss
@@ -55,12 +55,25 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     max_train_images: int | None = None
+    face_labels: str | None = None  # teacher face boxes (JSON) -> train a face model on SCUT-HEAD images
+    face_min_score: float = 0.5  # teacher score that makes a face (see FaceLabelPolicy)
+    holdout: int = 0  # hold out N training images (seeded draw) for model selection; they replace val_split
+    init_weights: str | None = None  # start from these weights (tensors of matching name and shape), fresh schedule
     compile: bool = False
     progress: bool = True
 
 
-def load_records(data: str | Path, fmt: str, split: str) -> list:
-    """Records of one split (SCUT-HEAD VOC split name/file, or a WIDER subset name)."""
+def load_records(data: str | Path, fmt: str, split: str, face_labels: str | Path | None = None,
+                 face_min_score: float = 0.5) -> list:
+    """Records of one split (SCUT-HEAD VOC split name/file, or a WIDER subset name).
+
+    Args:
+        face_labels: a pseudo-label file (VOC only): the records become face records
+            (:func:`detector.datasets.pseudo_faces.face_records`); ``"auto"`` is ``DATA/faces_retinaface.json``.
+        face_min_score: teacher score that makes a face.
+    """
+    if face_labels is not None and fmt != "voc":
+        raise ValueError("face pseudo-labels go with the SCUT-HEAD (voc) layout")
     if fmt == "voc":
         from detector.datasets.voc import load_voc
 
@@ -71,9 +84,39 @@ def load_records(data: str | Path, fmt: str, split: str) -> list:
         records, _ = load_wider(data, split)
     else:
         raise ValueError(f"unknown dataset format {fmt!r} (voc or wider)")
+    if face_labels is not None:
+        from detector.datasets.pseudo_faces import DEFAULT_FACE_LABELS, FaceLabelPolicy, face_records, read_face_labels
+
+        path = Path(data) / DEFAULT_FACE_LABELS if str(face_labels) == "auto" else Path(face_labels)
+        if not path.is_file():
+            raise ValueError(f"face pseudo-label file not found: {path}")
+        records, _ = face_records(records, read_face_labels(path), FaceLabelPolicy(min_score=face_min_score))
     if not records:
         raise ValueError(f"no images in {data} split {split!r}")
     return records
+
+
+def split_holdout(records: list, n: int, seed: int) -> tuple[list, list]:
+    """Splits ``records`` into (train, held out): ``n`` records drawn with ``seed``; both keep the input order."""
+    if not 0 < n < len(records):
+        raise ValueError(f"holdout must be between 1 and {len(records) - 1} (the split has {len(records)} images)")
+    held = set(np.random.default_rng(seed).choice(len(records), size=n, replace=False).tolist())
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+
+def load_matching_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Copies the tensors of ``state`` whose name and shape match ``model``'s (e.g. a head model into a two-class
+    model: all but the class-logit convs); returns the names of the model's tensors left as initialised."""
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    return sorted(k for k in own if k not in usable)
+
+
+def _best_so_far(path: Path) -> float:
+    if not path.is_file():
+        return -1.0
+    return float(load_checkpoint(path).get("meta", {}).get("val_ap50", -1.0))
 
 
 def _device(name: str) -> torch.device:
@@ -191,14 +234,25 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         model.load_state_dict(ckpt["state_dict"])
     else:
         model = build_model(cfg.model, **({"input_size": tuple(cfg.input_size)} if cfg.input_size else {}))
+        if cfg.init_weights:
+            init_model, _ = load_model(cfg.init_weights)
+            skipped = load_matching_state(model, init_model.state_dict())
+            log.info("initialised from %s%s", cfg.init_weights, f" (not loaded: {', '.join(skipped)})" if skipped else "")
         if is_main and (out / "metrics.jsonl").exists():
             (out / "metrics.jsonl").unlink()
     model.to(device)
     mcfg = model.config
 
-    train_records = load_records(cfg.data, cfg.format, cfg.train_split)
+    if cfg.face_labels and model.config.class_names != ("face",):
+        raise ValueError(f"--face-labels trains a one-class face model; {mcfg.name} detects {list(mcfg.class_names)} "
+                         "(use e.g. rnnpool_face_m4_face)")
+    faces = {"face_labels": cfg.face_labels, "face_min_score": cfg.face_min_score}
+    train_records = load_records(cfg.data, cfg.format, cfg.train_split, **faces)
     if cfg.max_train_images:
         train_records = train_records[: cfg.max_train_images]
+    holdout_records: list = []
+    if cfg.holdout:
+        train_records, holdout_records = split_holdout(train_records, cfg.holdout, cfg.seed)
     transform = build_train_transform(mcfg.input_size, grayscale=mcfg.grayscale)
     train_set = DetectionDataset(train_records, transform, cache_max_side=cfg.cache_max_side,
                                  grayscale_source=mcfg.grayscale)
@@ -213,8 +267,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
                         drop_last=len(train_set) > cfg.batch_size, num_workers=cfg.num_workers,
                         collate_fn=collate_detection, generator=generator, persistent_workers=cfg.num_workers > 0)
     eval_set = None
-    if cfg.val_split and is_main:
-        eval_set = EvalSet.build(load_records(cfg.data, cfg.format, cfg.val_split), model, progress=cfg.progress)
+    if is_main and (holdout_records or cfg.val_split):
+        val_records = holdout_records or load_records(cfg.data, cfg.format, cfg.val_split, **faces)
+        eval_set = EvalSet.build(val_records, model, progress=cfg.progress)
 
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -252,6 +307,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             _truncate_metrics(out / "metrics.jsonl", start_epoch)
 
     row: dict[str, Any] = {}
+    best_ap50 = _best_so_far(out / "best.pt") if ckpt is not None else -1.0
     for epoch in range(start_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
         if sampler is not None:
@@ -269,6 +325,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         if eval_set is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             m = evaluate(eval_model, eval_set, device, coco=False)
             row.update(val_ap50=m["ap50"], val_images_per_s=m["images_per_s"])
+            if m["ap50"] > best_ap50:  # model selection on the validation (or held-out) set
+                best_ap50 = m["ap50"]
+                save_weights(out / "best.pt", eval_model, {
+                    "epoch": epoch, "val_ap50": best_ap50, "selected_on": "holdout" if holdout_records else "val",
+                    "train_config": dataclasses.asdict(cfg)})
         row["epoch_seconds"] = time.perf_counter() - t0
         # Metrics first, checkpoint second: a kill in between re-runs this epoch on resume, and the resume drops
         # the rows of epochs after the checkpoint.

@@ -22,7 +22,7 @@ from app.main import create_app, serve
 from app.schemas import DetectResponse
 from app.settings import Settings
 from detector import Detections, Detector, build_model
-from detector.checkpoint import save_weights
+from detector.checkpoint import default_weights_path, save_weights
 
 class FakeDetector:
     """Deterministic stand-in: three boxes at fixed fractions of the image (two heads, one face)."""
@@ -69,7 +69,7 @@ def fake():
 
 @pytest.fixture()
 def client(fake):
-    return TestClient(create_app(Settings(), detector=fake))
+    return TestClient(create_app(Settings(default_classes=["all"]), detector=fake))
 
 
 def encode(ext: str, width: int = 160, height: int = 120) -> bytes:
@@ -138,9 +138,20 @@ def test_threshold_and_max_detections(client, fake):
 
 
 def test_default_threshold_comes_from_settings(fake):
-    client = TestClient(create_app(Settings(score_threshold=0.25, max_detections=2), detector=fake))
+    client = TestClient(create_app(Settings(score_threshold=0.25, max_detections=2, default_classes="all"), detector=fake))
     body = client.post("/detect", content=encode(".png"), headers={"Content-Type": "image/png"}).json()
     assert body["count"] == 2 and fake.calls[-1]["threshold"] == 0.25 and fake.calls[-1]["max_detections"] == 2
+
+
+def test_default_classes_are_heads_unless_configured(fake):
+    jpeg, headers = encode(".jpg"), {"Content-Type": "image/jpeg"}
+    body = TestClient(create_app(Settings(), detector=fake)).post("/detect", content=jpeg, headers=headers).json()
+    assert body["counts"] == {"head": 1} and [d["label"] for d in body["detections"]] == ["head"]
+    client = TestClient(create_app(Settings(default_classes="face"), detector=fake))
+    assert client.post("/detect", content=jpeg, headers=headers).json()["counts"] == {"face": 1}
+    assert client.get("/version").json()["default_classes"] == ["face"]
+    body = client.post("/detect", content=jpeg, headers=headers, params={"classes": "all"}).json()
+    assert body["counts"] == {"head": 1, "face": 1}
 
 
 def test_classes_filter(client):
@@ -333,7 +344,7 @@ def test_api_key(fake):
     assert_error(client.post("/detect", content=jpeg, headers=ct, params={"threshold": 7}), 401, "unauthorized")
     assert not fake.calls
     r = client.post("/detect", content=jpeg, headers={**ct, "X-API-Key": "s3cret"})
-    assert r.status_code == 200 and r.json()["count"] == 2
+    assert r.status_code == 200 and r.json()["count"] == 1  # default classes: heads
     assert client.get("/health").status_code == 200  # only /detect is protected
     assert "APIKeyHeader" in client.get("/openapi.json").json()["components"]["securitySchemes"]
 
@@ -351,7 +362,7 @@ def test_health_version_docs_and_page(client):
                                             "detail": None}
     assert client.get("/version").json() == {"version": detector.__version__, "model": "fake_model",
                                              "backend": "torch", "classes": ["head", "face"],
-                                             "default_threshold": 0.5}
+                                             "default_classes": ["head", "face"], "default_threshold": 0.5}
     spec = client.get("/openapi.json").json()
     post = spec["paths"]["/detect"]["post"]
     assert {"multipart/form-data", "image/jpeg", "image/png"} <= set(post["requestBody"]["content"])
@@ -395,9 +406,10 @@ def test_model_loads_once_at_startup(tmp_path, monkeypatch):
         for _ in range(2):
             r = client.post("/detect", content=encode(".jpg", 96, 64), headers={"Content-Type": "image/jpeg"})
             assert r.status_code == 200 and r.json()["model"] == "rnnpool_face_m4"
-    assert len(calls) == 1
+    face_shipped = default_weights_path("rnnpool_face_m4_face").is_file()  # loaded beside the head model
+    assert len(calls) == 1 + face_shipped
     assert calls[0] == {"weights": weights, "model": None, "backend": "torch", "score_threshold": 0.3,
-                        "max_detections": 750}
+                        "nms_iou": 0.3, "max_detections": 750}
 
 
 def test_missing_weights_keep_the_service_up_and_say_so(tmp_path):

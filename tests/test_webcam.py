@@ -21,6 +21,7 @@ import pytest
 from app.main import create_app
 from app.settings import Settings
 from detector import Detections
+from detector.detector_group import DetectorGroup
 
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
 CHROMEDRIVER = Path(shutil.which("chromedriver") or "/usr/bin/chromedriver")
@@ -86,15 +87,35 @@ class BrightBlobDetector:
         return dets.filter(min_score=score_threshold or 0.0).select(slice(0, max_detections))
 
 
+class CentreFaceDetector(BrightBlobDetector):
+    """A stand-in face model: the central half of each bright blob, labelled ``face``."""
+
+    name = "centre_faces"
+    class_names = ("face",)
+
+    def __call__(self, image_bgr, score_threshold=None, max_detections=None) -> Detections:
+        heads = super().__call__(image_bgr, score_threshold, max_detections)
+        b = heads.boxes_xyxy
+        quarter = np.stack([(b[:, 2] - b[:, 0]) / 4, (b[:, 3] - b[:, 1]) / 4] * 2, axis=1) * [1, 1, -1, -1]
+        return Detections(b + quarter, heads.scores, heads.labels, self.class_names, heads.image_size)
+
+
 @pytest.fixture(scope="module")
 def fake_detector() -> BrightBlobDetector:
     return BrightBlobDetector()
 
 
 @pytest.fixture(scope="module")
-def server_url(fake_detector):
-    """The real app under uvicorn on 127.0.0.1 and a free port, in a background thread."""
-    config = uvicorn.Config(create_app(Settings(), detector=fake_detector), host="127.0.0.1", port=0,
+def fake_faces() -> CentreFaceDetector:
+    return CentreFaceDetector()
+
+
+@pytest.fixture(scope="module")
+def server_url(fake_detector, fake_faces):
+    """The real app (a head and a face model; heads by default) under uvicorn on 127.0.0.1 and a free port, in a
+    background thread."""
+    group = DetectorGroup([fake_detector, fake_faces])
+    config = uvicorn.Config(create_app(Settings(), detector=group), host="127.0.0.1", port=0,
                             log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
@@ -192,6 +213,26 @@ def test_page_draws_boxes_for_the_fake_camera(browser, server_url, fake_detector
             assert green[y - 3: y + 4, x - 3: x + 4].any(), f"no box edge drawn near ({x}, {y})"
     # ... and not all over the place (the scene has no green).
     assert green.mean() < 0.05
+
+
+def test_class_choice_switches_to_faces(browser, server_url, fake_faces):
+    browser.get(server_url)
+    options = "return [...document.getElementById('classes').options].map((o) => [o.value, o.text]);"
+    WebDriverWait(browser, 10, poll_frequency=0.1).until(lambda d: len(_js(d, options)) == 3)
+    assert _js(browser, options) == [["head", "heads"], ["face", "faces"], ["head,face", "heads + faces"]]
+    _js(browser, "const s = document.getElementById('classes'); s.value = 'face';")
+    faces = "const r = window.lastResult; return !!(r && r.counts && 'face' in r.counts && r.count > 0);"
+    WebDriverWait(browser, 20, poll_frequency=0.1).until(lambda d: _js(d, faces))
+    result = _js(browser, "return window.lastResult")
+    assert result["model"] == "centre_faces" and result["counts"] == {"face": len(HEADS)}
+    assert {d["label"] for d in result["detections"]} == {"face"}
+    assert browser.find_element("id", "count-label").text == "faces"
+    _js(browser, "const s = document.getElementById('classes'); s.value = 'head,face';")
+    both = "const r = window.lastResult; return !!(r && r.counts && 'head' in r.counts && 'face' in r.counts);"
+    WebDriverWait(browser, 20, poll_frequency=0.1).until(lambda d: _js(d, both))
+    result = _js(browser, "return window.lastResult")
+    assert result["counts"] == {"head": len(HEADS), "face": len(HEADS)}
+    assert result["model"] == "bright_blobs+centre_faces"
 
 
 def _with_stub(driver, url: str, stub_js: str) -> str:

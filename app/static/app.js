@@ -19,6 +19,8 @@
   const toggle = $("toggle");
   const switchButton = $("switch");
   const keyInput = $("api-key");
+  const classSelect = $("classes");
+  const CLASS_COLOURS = { head: "#2ecc71", face: "#ff8c00" };
 
   const state = {
     running: false,
@@ -173,12 +175,13 @@
       const sx = dw / r.image_width;
       const sy = dh / r.image_height;
       ctx.lineWidth = Math.max(2, 2 * dpr);
-      ctx.strokeStyle = "#2ecc71";
-      ctx.fillStyle = "#2ecc71";
       ctx.font = `${Math.round(12 * dpr)}px system-ui, sans-serif`;
       ctx.textBaseline = "bottom";
       for (const d of r.detections) {
         const [x0, y0, x1, y1] = d.box_xyxy;
+        const colour = CLASS_COLOURS[d.label] || "#3498db";
+        ctx.strokeStyle = colour;
+        ctx.fillStyle = colour;
         const x = ox + x0 * sx;
         const y = oy + y0 * sy;
         ctx.strokeRect(x, y, (x1 - x0) * sx, (y1 - y0) * sy);
@@ -236,7 +239,8 @@
       const started = performance.now();
       stats.requests += 1;
       try {
-        const resp = await fetch(`detect?threshold=${threshold}`, { method: "POST", headers, body: blob });
+        const classes = classSelect.value ? `&classes=${encodeURIComponent(classSelect.value)}` : "";
+        const resp = await fetch(`detect?threshold=${threshold}${classes}`, { method: "POST", headers, body: blob });
         const body = await resp.json().catch(() => null);
         if (!resp.ok || !body) {
           stats.errors += 1;
@@ -265,7 +269,10 @@
       $("fps").textContent = state.fps.toFixed(1);
     }
     state.lastDone = now;
-    $("count").textContent = String(result.count);
+    const counts = result.counts || {};
+    const names = Object.keys(counts);
+    $("count").textContent = names.length > 1 ? names.map((n) => counts[n]).join(" / ") : String(result.count);
+    $("count-label").textContent = names.length ? names.map((n) => `${n}s`).join(" / ") : "objects";
     $("latency").textContent = String(Math.round(latencyMs));
   }
 
@@ -296,10 +303,24 @@
     }
   });
 
+  // One choice per class the server detects, plus "all" when there are several; the server's default first.
+  function fillClassChoices(classes, defaults) {
+    if (!classes.length) return;
+    const choices = [];
+    const add = (value, text) => {
+      if (!choices.some((c) => c.value === value)) choices.push({ value, text });
+    };
+    add(defaults.join(","), defaults.map((c) => `${c}s`).join(" + "));
+    for (const c of classes) add(c, `${c}s`);
+    if (classes.length > 1) add(classes.join(","), classes.map((c) => `${c}s`).join(" + "));
+    classSelect.replaceChildren(...choices.map(({ value, text }) => new Option(text, value)));
+  }
+
   async function loadVersion() {
     try {
       const v = await (await fetch("version")).json();
       $("model").textContent = v.model ? `${v.model} \u00b7 ${v.backend} \u00b7 v${v.version}` : "model not loaded";
+      fillClassChoices(v.classes || [], v.default_classes || []);
       if (typeof v.default_threshold === "number") {
         slider.value = String(v.default_threshold);
         $("threshold-value").textContent = Number(slider.value).toFixed(2);

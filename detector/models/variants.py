@@ -8,7 +8,7 @@ from detector.models.registry import register_model
 from detector.models.rnnpool_face import BlockSpec as B
 from detector.models.rnnpool_face import RNNPoolFace, RNNPoolFaceConfig
 
-__all__ = ["M4", "QUANT", "C"]
+__all__ = ["M4", "M4_FACE", "QUANT", "C"]
 
 _RGB = dict(pixel_mean=(123.7, 116.3, 103.5), pixel_std=(58.4, 57.1, 57.4))
 
@@ -25,6 +25,11 @@ M4 = RNNPoolFaceConfig(
     blocks=(B(32, 1, 2, 8), B(32, 1, 2, 16), B(64, 2, 2, 32), B(64, 1, 2, 48)),
     size_divisor=16,
 )
+
+# The M4 layout detecting faces (one class): trained from a teacher's face boxes on SCUT-HEAD (detect train
+# --face-labels); heads and faces are separate one-class models because a face box lies inside its head box and one
+# anchor per location cannot be both classes under a softmax.
+M4_FACE = M4.replace(name="rnnpool_face_m4_face", class_names=("face",))
 
 # RNNPool-Face-Quant: 640x480 RGB; two 3x3 convs to 4 channels (first s2); RNNPool(8, 4, 8, 8) -> 80x60x32 (stride 8);
 # MBConv stack to stride 128 with six heads (anchors 16..512).
@@ -71,6 +76,12 @@ def _build(config: RNNPoolFaceConfig, overrides: dict[str, Any]) -> RNNPoolFace:
 def rnnpool_face_m4(**overrides: Any) -> RNNPoolFace:
     """RNNPool-Face-M4: 320x240 grayscale, ~56K parameters (the microcontroller model)."""
     return _build(M4, overrides)
+
+
+@register_model
+def rnnpool_face_m4_face(**overrides: Any) -> RNNPoolFace:
+    """RNNPool-Face-M4 for faces: the M4 layout with one class, ``face``."""
+    return _build(M4_FACE, overrides)
 
 
 @register_model
