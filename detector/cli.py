@@ -276,6 +276,9 @@ def _eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", choices=["auto", "voc", "wider"],
                    help="dataset layout (auto: wider if DATA/wider_face_split exists)")
     p.add_argument("--split", default=None, help="VOC split name or id file (default partB_val); WIDER subset (val)")
+    p.add_argument("--face-labels", default=None, metavar="JSON",
+                   help="score faces against teacher face boxes on the VOC images ('auto': DATA/faces_retinaface.json; "
+                        "agreement with the teacher, not accuracy)")
     p.add_argument("--pr-curve", default=None, metavar="PNG", help="where to write the PR curve (default: none)")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
     p.add_argument("--backend", default="torch", choices=["torch", "onnx", "int8"],
@@ -311,7 +314,7 @@ def run_eval(argv: Sequence[str]) -> int:
         detector = load_detector(weights=a.weights, backend=a.backend)
         runner = detector.run_network if a.backend == "onnx" else None
     model = detector.model.to(device)
-    records = load_records(data, fmt, split)
+    records = load_records(data, fmt, split, face_labels=a.face_labels)
     eval_set = EvalSet.build(records, model, resize=detector.resize, progress=sys.stderr.isatty())
     m = evaluate(model, eval_set, device, runner=runner)
     if a.pr_curve:
