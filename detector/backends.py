@@ -45,18 +45,19 @@ def load_detector(
 
 
 def _cached_onnx(weights: str | Path | None, model: str | None) -> Path:
-    """Exports torch weights to ONNX once, keyed by the weights file's content hash."""
+    """Exports torch weights to ONNX once, keyed by the weights file's content hash and the export format version
+    (a newer, faster graph for the same weights is exported afresh)."""
     import hashlib
     import os
 
     from detector.checkpoint import DEFAULT_MODEL, default_weights_path, load_model
-    from detector.export.onnx import export_onnx
+    from detector.export.onnx import EXPORT_VERSION, export_onnx
 
     src = Path(weights) if weights is not None else default_weights_path(model or DEFAULT_MODEL)
     net, _ = load_model(src)
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rnnpool-face"
-    out = cache / f"{src.stem}-{digest}.onnx"
+    out = cache / f"{src.stem}-{digest}-v{EXPORT_VERSION}.onnx"
     if not out.is_file():
         export_onnx(net, out)
     return out

@@ -7,6 +7,9 @@ Formats are in the names:
 * ``cxcywh``: ``(center_x, center_y, width, height)`` in the same frame.
 
 Every function takes boxes of shape ``(..., 4)`` (or ``(N, 4)`` where stated) and never changes device or dtype.
+The ``*_np`` functions are the same operations on float32 numpy arrays, for inference post-processing (a handful of
+boxes, where torch's per-call overhead dominates): every float operation is the same as in the torch version, so the
+results are bit-identical.
 """
 
 from __future__ import annotations
@@ -18,10 +21,13 @@ from torch import Tensor
 __all__ = [
     "box_area",
     "box_iou",
+    "box_iou_np",
     "batched_nms",
+    "batched_nms_np",
     "clip_boxes_xyxy",
     "cxcywh_to_xyxy",
     "nms",
+    "nms_np",
     "xyxy_to_cxcywh",
 ]
 
@@ -70,6 +76,62 @@ def clip_boxes_xyxy(boxes_xyxy: Tensor, width: float, height: float) -> Tensor:
     return torch.stack(
         (x0.clamp(0, width), y0.clamp(0, height), x1.clamp(0, width), y1.clamp(0, height)), dim=-1
     )
+
+
+def box_iou_np(boxes1_xyxy: np.ndarray, boxes2_xyxy: np.ndarray) -> np.ndarray:
+    """:func:`box_iou` on float32 numpy arrays ``(N, 4)``, ``(M, 4)`` -> ``(N, M)`` (bit-identical to it).
+
+    Large inputs are done on coordinate columns, so that every ``(N, M)`` operation runs over contiguous rows (numpy
+    is slow on a trailing axis of 2); small ones in fewer, broadcast operations.
+    """
+    wh1 = np.maximum(boxes1_xyxy[:, 2:] - boxes1_xyxy[:, :2], 0)
+    wh2 = np.maximum(boxes2_xyxy[:, 2:] - boxes2_xyxy[:, :2], 0)
+    area1 = wh1[:, 0] * wh1[:, 1]
+    area2 = wh2[:, 0] * wh2[:, 1]
+    if len(boxes1_xyxy) * len(boxes2_xyxy) <= 4096:
+        wh = np.maximum(np.minimum(boxes1_xyxy[:, None, 2:], boxes2_xyxy[None, :, 2:])
+                        - np.maximum(boxes1_xyxy[:, None, :2], boxes2_xyxy[None, :, :2]), 0)
+        inter = wh[..., 0] * wh[..., 1]
+    else:
+        ax0, ay0, ax1, ay1 = (np.ascontiguousarray(c) for c in boxes1_xyxy.T)
+        bx0, by0, bx1, by1 = (np.ascontiguousarray(c) for c in boxes2_xyxy.T)
+        w = np.maximum(np.minimum(ax1[:, None], bx1[None, :]) - np.maximum(ax0[:, None], bx0[None, :]), 0)
+        h = np.maximum(np.minimum(ay1[:, None], by1[None, :]) - np.maximum(ay0[:, None], by0[None, :]), 0)
+        inter = w * h
+    union = area1[:, None] + area2[None, :] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = inter / np.maximum(union, np.finfo(inter.dtype).tiny)
+    iou[~(union > 0)] = 0
+    return iou
+
+
+def nms_np(boxes_xyxy: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """:func:`nms` on numpy arrays: float32 boxes ``(N, 4)`` and scores ``(N,)`` -> int64 kept indices ``(K,)``."""
+    n = len(scores)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(-scores, kind="stable")  # descending; ties keep the lower index first
+    if n == 1:
+        return order.astype(np.int64)
+    ordered = boxes_xyxy[order]
+    iou = box_iou_np(ordered, ordered) > iou_threshold
+    suppressed = np.zeros(n, dtype=bool)
+    keep = []
+    for i in range(n):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        suppressed |= iou[i]
+    return order[keep].astype(np.int64)
+
+
+def batched_nms_np(boxes_xyxy: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """:func:`batched_nms` on numpy arrays (float32 boxes and scores, integer labels); bit-identical to it."""
+    if boxes_xyxy.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    span = boxes_xyxy.max() - boxes_xyxy.min() + np.float32(1)
+    shifted = boxes_xyxy + (labels.astype(boxes_xyxy.dtype) * span)[:, None]
+    return nms_np(shifted, scores, iou_threshold)
 
 
 def nms(boxes_xyxy: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:

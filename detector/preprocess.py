@@ -56,7 +56,8 @@ def to_model_input(image_bgr: np.ndarray, config: RNNPoolFaceConfig, mode: str =
         img = gray if gray is not None else cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY)
     else:
         img = cv2.cvtColor(colour, cv2.COLOR_BGR2RGB) if colour is not None else cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
-    img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if w < width else cv2.INTER_LINEAR)
+    if (w, h) != (width, height):  # cv2.resize to the same size is a copy
+        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA if w < width else cv2.INTER_LINEAR)
     if img.ndim == 2:
-        img = img[:, :, None]
+        return img.astype(np.float32)[None], (w / width, h / height)
     return np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32), (w / width, h / height)

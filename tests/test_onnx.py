@@ -79,3 +79,22 @@ def test_foreign_onnx_file_is_a_clear_error(tmp_path):
     (tmp_path / "x.onnx").write_bytes(b"junk")
     with pytest.raises(WeightsError, match="not an RNNPool-Face ONNX"):
         OnnxDetector(tmp_path / "x.onnx")
+
+
+def test_session_options_and_versioned_export_cache(exported, tmp_path, monkeypatch):
+    model, weights, path = exported
+    x, _ = to_model_input(_real_images()[0], model.config, mode="fixed")
+    ref = OnnxDetector(path).run_network(x)
+    got = OnnxDetector(path, threads=1, allow_spinning=False).run_network(x)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # The cached export of torch weights is keyed by the export format version: a changed graph is re-exported.
+    from detector.backends import load_detector
+    from detector.export.onnx import EXPORT_VERSION
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    det = load_detector(weights=weights, backend="onnx")
+    assert det.weights_path.parent == tmp_path / "rnnpool-face"
+    assert det.weights_path.name.endswith(f"-v{EXPORT_VERSION}.onnx")
+    meta = det.session.get_modelmeta().custom_metadata_map
+    assert meta["export_version"] == str(EXPORT_VERSION)

@@ -40,11 +40,13 @@ def reference_rnnpool(pool: RNNPool, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(
     "shape, patch, stride, h1, h2",
     [
-        ((2, 3, 9, 11), 4, 2, 5, 6),  # odd sizes, batch > 1
+        ((2, 3, 9, 11), 4, 2, 5, 6),  # odd sizes, batch > 1 (blocked path: patch = 2 strides)
         ((1, 2, 10, 7), (4, 3), (2, 3), 4, 3),  # non-square patch and stride
-        ((2, 1, 8, 8), 4, 4, 3, 3),  # stride == patch
+        ((2, 1, 8, 8), 4, 4, 3, 3),  # stride == patch (blocked, one block)
         ((1, 4, 13, 6), (3, 5), (2, 1), 4, 2),  # stride < patch in both directions
         ((1, 2, 7, 9), 2, 3, 3, 2),  # stride > patch: pixels between patches are skipped
+        ((3, 2, 17, 11), 9, 3, 3, 4),  # blocked, three blocks per patch
+        ((1, 4, 12, 20), 8, 4, 16, 16),  # the RNNPool-Face geometry (8 / 4), hidden 16
     ],
 )
 def test_matches_per_patch_reference(shape, patch, stride, h1, h2):
@@ -59,6 +61,79 @@ def test_matches_per_patch_reference(shape, patch, stride, h1, h2):
         ref = reference_rnnpool(pool, x)
     assert fast.shape == (shape[0], 4 * h2, math.ceil(shape[2] / pool.stride[0]), math.ceil(shape[3] / pool.stride[1]))
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    (pr, pc), (sr, sc) = pool.patch_size, pool.stride
+    if pr == pc and sr == sc and pr % sr == 0:  # the blocked path ran; the windowed one agrees too
+        with torch.no_grad():
+            torch.testing.assert_close(pool._forward_windows(x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape, patch, stride", [((2, 3, 9, 11), 4, 2), ((1, 2, 12, 9), 6, 2), ((2, 4, 16, 24), 8, 4)])
+def test_blocked_path_is_exact_in_float64_and_has_the_same_gradients(shape, patch, stride):
+    # In float64 rounding vanishes: the blocked path (slab steps, sigmoid form of tanh, scaled state) computes the
+    # same function as the windowed one, values and gradients.
+    torch.manual_seed(0)
+    pool = RNNPool(shape[1], 5, 6, patch, stride).double()
+    with torch.no_grad():
+        for p in pool.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    outs, grads = [], []
+    for forward in (pool._forward_windows, pool._forward_blocked):
+        pool.zero_grad()
+        x.grad = None
+        out = forward(x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in pool.parameters()])
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-12, rtol=1e-12)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_inference_uses_the_blocked_path_and_training_the_windowed_one(monkeypatch):
+    pool = RNNPool(4, 8, 8, 8, 4)
+    x = torch.randn(2, 4, 16, 20)
+    calls = []
+    for name in ("_forward_blocked", "_forward_windows"):
+        original = getattr(RNNPool, name)
+        monkeypatch.setattr(RNNPool, name, lambda self, x, f=original, n=name: calls.append(n) or f(self, x))
+    with torch.inference_mode():
+        pool(x)
+    with torch.no_grad():
+        pool(x)
+    pool(x).sum().backward()
+    assert calls == ["_forward_blocked", "_forward_blocked", "_forward_windows"]
+    assert all(p.grad is not None for p in pool.parameters())
+    RNNPool(4, 8, 8, (8, 6), 4)(x)  # other geometries: windowed
+    with torch.no_grad():
+        RNNPool(4, 8, 8, (8, 6), 4)(x)
+    assert calls[3:] == ["_forward_windows", "_forward_windows"]
+
+
+def test_blocked_path_after_inference_mode_still_trains():
+    # The cached geometry indices are created outside inference mode, so that autograd through the blocked path
+    # after an inference call cached them can save them for backward.
+    pool = RNNPool(4, 8, 8, 8, 4)
+    x = torch.randn(2, 4, 16, 20)
+    with torch.inference_mode():
+        pool(x)
+    pool._forward_blocked(x).sum().backward()
+    assert all(p.grad is not None for p in pool.parameters())
+
+
+def test_onnx_form_of_the_blocked_path_matches_eager(monkeypatch):
+    # The graph exported to ONNX (tanh gates, Gemm over [x, state]) is the same function as the eager one.
+    torch.manual_seed(0)
+    pool = RNNPool(4, 16, 16, 8, 4)
+    with torch.no_grad():
+        for p in pool.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    x = torch.randn(1, 4, 24, 32)
+    with torch.no_grad():
+        eager = pool(x)
+        monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+        exported_form = pool(x)
+    torch.testing.assert_close(exported_form, eager, atol=1e-5, rtol=1e-5)
 
 
 def test_stem_geometry_160x120_to_40x30():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["DetectionHead"]
@@ -35,10 +36,15 @@ class DetectionHead(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         n = x.shape[0]
-        cls = self.cls(x)
+        # Both branches as one convolution (their weights stacked): on CPU a convolution with a handful of output
+        # channels costs about as much as one with 16, so this halves the heads' time.
+        k = self.cls.out_channels
+        out = F.conv2d(x, torch.cat((self.cls.weight, self.box.weight)), torch.cat((self.cls.bias, self.box.bias)),
+                       padding=self.cls.padding)
+        cls, box = out[:, :k], out[:, k:]
         m = self.maxout_background
         if m > 1:
             cls = torch.cat((cls[:, :m].amax(dim=1, keepdim=True), cls[:, m:]), dim=1)
         cls = cls.permute(0, 2, 3, 1).reshape(n, -1, self.num_classes)
-        box = self.box(x).permute(0, 2, 3, 1).reshape(n, -1, 4)
+        box = box.permute(0, 2, 3, 1).reshape(n, -1, 4)
         return cls, box

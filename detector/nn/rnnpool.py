@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -119,6 +120,14 @@ class RNNPool(nn.Module):
     overlap (stride < patch) vertically adjacent patches read the same row segments, so ``rnn1`` runs once per
     (padded row, patch column) and once per (patch row, padded column), and ``rnn2`` consumes those shared summaries.
 
+    For inference (autograd off, or an ONNX export), when the patch is square and a multiple ``m`` of a square stride
+    ``s`` (all RNNPool-Face variants: 8 and 4), :meth:`_forward_blocked` cuts the padded map into ``s x s`` blocks, so
+    that every time step reads one contiguous slab (the same pixel offset in every block) and the state moves on to
+    the neighbouring block every ``s`` steps: no gathers of overlapping windows, ``rnn1``'s row and column sweeps share
+    one loop, and ``rnn2``'s four sweeps another (eagerly about 1.7x faster). Training and other geometries use
+    :meth:`_forward_windows`, which ``torch.compile`` turns into faster training kernels. Both compute the same
+    function (float rounding aside).
+
     Args:
         in_channels: ``C``.
         hidden_size1: ``rnn1`` state size ``h1``.
@@ -159,6 +168,15 @@ class RNNPool(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         pr, pc = self.patch_size
         sr, sc = self.stride
+        inference = not torch.is_grad_enabled() or torch.onnx.is_in_onnx_export()
+        if inference and pr == pc and sr == sc and pr % sr == 0:
+            return self._forward_blocked(x)
+        return self._forward_windows(x)
+
+    def _forward_windows(self, x: Tensor) -> Tensor:
+        """Any geometry: overlapping windows gathered per time step."""
+        pr, pc = self.patch_size
+        sr, sc = self.stride
         n, _, height, width = x.shape
         out_h, top, bottom = same_padding(height, pr, sr)
         out_w, left, right = same_padding(width, pc, sc)
@@ -190,8 +208,35 @@ class RNNPool(nn.Module):
         out = torch.cat(parts, dim=1).view(n, out_h, out_w, self.out_channels)
         return out.permute(0, 3, 1, 2).contiguous()
 
+    def _forward_blocked(self, x: Tensor) -> Tensor:
+        """Square patch ``p = m * s`` at square stride ``s``, with the padded map cut into ``s x s`` blocks.
+
+        The padded map has ``Rb = out_h + m - 1`` block rows and ``Cb = out_w + m - 1`` block columns. ``rnn1``'s
+        row sweep of the segment starting at block column ``j`` reads, at step ``t = b * s + o``, column offset ``o``
+        of block column ``j + b``: every step reads offset ``o`` of *all* blocks, and after each ``s`` steps the
+        states move one block on, so that the state of segment ``j`` sits at block ``j + b``. Column sweeps likewise,
+        along block rows; ``rnn2``'s sweeps over the row and column summaries likewise, the backward ones moving the
+        other way. Inputs, moves and the output are row gathers with constant indices (:func:`_block_indices`).
+        States at the map edges that no patch reads are advanced too (about 3% more work at 160x120).
+
+        Returns the output as a channels-last strided view of ``(N, 4 * h2, H', W')`` (the following convolution is
+        at least as fast on it as on a contiguous copy).
+        """
+        s = self.stride[0]
+        m = self.patch_size[0] // s
+        n, c, height, width = x.shape
+        out_h, top, bottom = same_padding(height, m * s, s)
+        out_w, left, right = same_padding(width, m * s, s)
+        in1, shift1, in2, shift2, gather_out = _block_indices(n, out_h, out_w, m, s, x.device)
+        pixels = F.pad(x, (left, right, top, bottom)).permute(0, 2, 3, 1).contiguous().view(-1, c)  # (N*Hp*Wp, C)
+        out1 = _fastgrnn_blocks(self.rnn1, pixels, in1, m, shift1)
+        out2 = _fastgrnn_blocks(self.rnn2, out1, in2, m, shift2)
+        out = out2.index_select(0, gather_out).view(n, out_h, out_w, self.out_channels)
+        return out.permute(0, 3, 1, 2)
+
     def madds(self, height: int, width: int) -> int:
-        """Multiply-adds of this implementation on an ``H x W`` input (shared row/column summaries).
+        """Multiply-adds of the shared row/column summaries algorithm on an ``H x W`` input (:meth:`_forward_windows`;
+        the blocked implementation adds about 3% for states at the map edges that no patch reads).
 
         Counts ``W x`` once per padded pixel, ``U h`` for every step after the first, ``rnn2``'s ``W`` and ``U``.
         """
@@ -217,3 +262,148 @@ class RNNPool(nn.Module):
         per_patch = 2 * pr * pc * (c * h1 + h1 * h1) + 2 * (pr + pc) * (h1 * h2 + h2 * h2)
         out_h, out_w = self.output_size(height, width)
         return out_h * out_w * per_patch
+
+
+def _block_indices(
+    n: int, out_h: int, out_w: int, m: int, s: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Row indices for :meth:`RNNPool._forward_blocked`: constants of the geometry, cached in eager mode, traced
+    (and folded) under ``torch.compile`` and in an ONNX export.
+
+    ``rnn1``'s states are ``[row sweeps (n, block row, row offset, block column) | column sweeps (n, block row,
+    block column, column offset)]``; ``rnn2``'s are ``[rows forward, rows backward (n, block row, patch column) |
+    columns forward, columns backward (n, patch row, block column)]``.
+
+    Returns:
+        ``in1``: ``(s, B1)`` rows of the padded ``(N * Hp * Wp, C)`` pixels: ``rnn1``'s input at step offset ``o``.
+        ``shift1``: ``(B1,)`` moves ``rnn1``'s states one block on (row sweeps to the next block column, column sweeps
+        to the next block row).
+        ``in2``: ``(s, B2)`` rows of ``rnn1``'s final states: ``rnn2``'s input at step offset ``o`` (backward sweeps
+        read offset ``s - 1 - o``).
+        ``shift2``: ``(B2,)`` the same for ``rnn2``'s states; backward sweeps move to the previous block.
+        ``gather_out``: the final state of every patch, in order ``(n, patch row, patch column, sweep)``.
+    States that no patch owns (at an edge) are filled from a neighbour and never read.
+    """
+    if torch.compiler.is_compiling():
+        return _make_block_indices(n, out_h, out_w, m, s, device)
+    return _cached_block_indices(n, out_h, out_w, m, s, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_block_indices(
+    n: int, out_h: int, out_w: int, m: int, s: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # Built outside inference mode, so that training can use them after an inference call cached them.
+    with torch.inference_mode(False), torch.no_grad():
+        return _make_block_indices(n, out_h, out_w, m, s, device)
+
+
+def _make_block_indices(
+    n: int, out_h: int, out_w: int, m: int, s: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    rb, cb = out_h + m - 1, out_w + m - 1
+    hp, wp = rb * s, cb * s
+
+    def ar(size: int) -> Tensor:
+        return torch.arange(size, device=device)
+
+    def fwd(t: Tensor, dim: int) -> Tensor:  # new[i] = old[i - 1]
+        return torch.cat((t.narrow(dim, 0, 1), t.narrow(dim, 0, t.shape[dim] - 1)), dim)
+
+    def bwd(t: Tensor, dim: int) -> Tensor:  # new[i] = old[i + 1]
+        return torch.cat((t.narrow(dim, 1, t.shape[dim] - 1), t.narrow(dim, t.shape[dim] - 1, 1)), dim)
+
+    o = ar(s).view(s, 1, 1, 1, 1)
+    ni, bri, offi, bci = (ar(v).view(*[-1 if d == k else 1 for d in range(4)]) for k, v in enumerate((n, rb, s, cb)))
+    base = ni * (hp * wp) + bri * (s * wp)
+    rows_in = base + offi * wp + bci * s + o  # (s, n, rb, s, cb): row offset offi, column offset o
+    cols_in = base + o * wp + bci.view(1, 1, -1, 1) * s + offi.view(1, 1, 1, -1)  # (s, n, rb, cb, s)
+    in1 = torch.cat((rows_in.reshape(s, -1), cols_in.reshape(s, -1)), dim=1)
+    b1 = n * rb * s * cb
+    shift1 = torch.cat((fwd(ar(b1).view(-1, cb), 1).flatten(), fwd(ar(b1).view(n, rb, -1) + b1, 1).flatten()))
+
+    o = ar(s).view(s, 1, 1, 1)
+    ni, bri, pci = ar(n).view(-1, 1, 1), ar(rb).view(1, -1, 1), ar(out_w).view(1, 1, -1)
+    rows_f = ((ni * rb + bri) * s + o) * cb + pci + m - 1  # summary of row (bri, o), segment pci: (s, n, rb, out_w)
+    rows_b = ((ni * rb + bri) * s + (s - 1 - o)) * cb + pci + m - 1
+    pri, bci = ar(out_h).view(1, -1, 1), ar(cb).view(1, 1, -1)
+    cols_f = b1 + ((ni * rb + pri + m - 1) * cb + bci) * s + o  # summary of column (bci, o), patch row pri
+    cols_b = b1 + ((ni * rb + pri + m - 1) * cb + bci) * s + (s - 1 - o)
+    in2 = torch.cat([t.reshape(s, -1) for t in (rows_f, rows_b, cols_f, cols_b)], dim=1)
+    nr, nc = n * rb * out_w, n * out_h * cb
+    rf, rbk = ar(nr).view(n, rb, out_w), ar(nr).view(n, rb, out_w) + nr
+    cf, cbk = ar(nc).view(n, out_h, cb) + 2 * nr, ar(nc).view(n, out_h, cb) + 2 * nr + nc
+    shift2 = torch.cat((fwd(rf, 1).flatten(), bwd(rbk, 1).flatten(), fwd(cf, 2).flatten(), bwd(cbk, 2).flatten()))
+    gather_out = torch.stack((rf[:, m - 1 :], rbk[:, :out_h], cf[:, :, m - 1 :], cbk[:, :, :out_w]), dim=-1)
+    return in1, shift1, in2, shift2, gather_out.flatten()
+
+
+def _fastgrnn_blocks(cell: FastGRNNCell, table: Tensor, index: Tensor, m: int, shift: Tensor) -> Tensor:
+    """Runs ``cell`` for ``m`` blocks of ``s`` steps, moving the states with ``shift`` between blocks.
+
+    Args:
+        cell: the FastGRNN.
+        table: ``(R, input_size)`` input vectors.
+        index: ``(s, B)``: the input of step ``b * s + o`` is ``table[index[o]]`` (the same for every block ``b``).
+        m: blocks.
+        shift: ``(B,)`` row index applied to the states after each block but the last.
+
+    Returns:
+        Final states ``(B, hidden_size)``.
+
+    The state is kept as ``g = h / k`` with ``k = sigmoid(zeta) + sigmoid(nu)``: then
+    ``h' = (sigmoid(zeta) (1 - z) + sigmoid(nu)) c + z h`` becomes ``g' = c + z (g - r c)`` with
+    ``r = sigmoid(zeta) / k``, and ``U h = (k U) g``; one multiply fewer per step.
+
+    Both gates share ``U h`` (one GEMM per step). In an ONNX export every step gathers its inputs and computes
+    ``W x + bias`` per gate (``Gemm``), so that no ``(s, B, hidden)`` tensor is materialised and split (slower in
+    onnxruntime). Eagerly, ``W x + bias`` is computed for all steps at once, and as torch's CPU ``tanh`` is several
+    times slower than its ``sigmoid``, ``tanh(p) = 2 sigmoid(2 p) - 1`` with the update gate's ``W x + bias`` and
+    ``U h`` doubled (exact in float).
+    """
+    s, b = index.shape
+    hid = cell.hidden_size
+    a = torch.sigmoid(cell.zeta)
+    k = a + torch.sigmoid(cell.nu)
+    r = a / k
+    g: Tensor | None = None
+    if torch.onnx.is_in_onnx_export():
+        wt, ukt = cell.W.t(), (k * cell.U).t()
+        for blk in range(m):
+            if blk:
+                assert g is not None
+                g = g.index_select(0, shift)
+            for o in range(s):
+                x = table.index_select(0, index[o])
+                xg = torch.addmm(cell.bias_gate, x, wt)
+                xu = torch.addmm(cell.bias_update, x, wt)
+                if g is None:
+                    z, c = torch.sigmoid(xg), torch.tanh(xu)
+                    g = c * (1 - r * z)
+                else:
+                    uh = torch.mm(g, ukt)
+                    z = torch.sigmoid(xg + uh)
+                    c = torch.tanh(xu + uh)
+                    g = c + z * (g - r * c)
+    else:
+        flat = table.index_select(0, index.flatten())
+        xg = torch.addmm(cell.bias_gate, flat, cell.W.t()).view(s, b, hid)
+        xu = torch.addmm(2 * cell.bias_update, flat, 2 * cell.W.t()).view(s, b, hid)
+        ukt = (k * cell.U).t()
+        neg_r = -r
+        for blk in range(m):
+            if blk:
+                assert g is not None
+                g = g.index_select(0, shift)
+            for o in range(s):
+                if g is None:
+                    z = torch.sigmoid(xg[o])
+                    c = torch.sigmoid(xu[o]).mul(2).sub_(1)
+                    g = c * (1 + neg_r * z)
+                else:
+                    uh = torch.mm(g, ukt)  # U h, shared by both gates
+                    z = torch.add(xg[o], uh).sigmoid_()
+                    c = torch.add(xu[o], uh, alpha=2).sigmoid_().mul(2).sub_(1)
+                    g = torch.addcmul(c, z, torch.addcmul(g, c, neg_r))
+    assert g is not None
+    return g * k
