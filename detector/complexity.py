@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from detector.nn import RNNPool
+from detector.nn.head import DetectionHead
 
 __all__ = ["count_madds", "count_params"]
 
@@ -38,9 +39,21 @@ def count_madds(model: nn.Module, input_shape: tuple[int, int, int], per_patch_r
         h, w = inp[0].shape[-2:]
         total += m.madds_per_patch(h, w) if per_patch_rnnpool else m.madds(h, w)
 
+    def head_hook(m: DetectionHead, inp, _out) -> None:
+        # The head runs its two convolutions as one stacked conv (stride 1, "same" padding), not through the
+        # modules, so they are counted here from the input size.
+        nonlocal total
+        h, w = inp[0].shape[-2:]
+        for conv in (m.cls, m.box):
+            kh, kw = conv.kernel_size
+            total += conv.out_channels * h * w * (conv.in_channels // conv.groups) * kh * kw
+
     handles = []
+    head_convs = {id(c) for m in model.modules() if isinstance(m, DetectionHead) for c in (m.cls, m.box)}
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, DetectionHead):
+            handles.append(m.register_forward_hook(head_hook))
+        elif isinstance(m, nn.Conv2d) and id(m) not in head_convs:
             handles.append(m.register_forward_hook(conv_hook))
         elif isinstance(m, nn.Linear):
             handles.append(m.register_forward_hook(linear_hook))

@@ -51,3 +51,11 @@ def test_config_round_trip_and_overrides():
     assert RNNPoolFaceConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown model config"):
         RNNPoolFaceConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_madds_count_the_heads_stacked_convolution():
+    from detector.nn.head import DetectionHead
+
+    head = DetectionHead(in_channels=4, num_classes=2, maxout_background=3)  # 4 class + 4 box channels, 3x3
+    assert count_madds(head, (4, 5, 6)) == (4 + 4) * 5 * 6 * 4 * 9
+    assert count_madds(build_model("rnnpool_face_m4"), (1, 240, 320)) == pytest.approx(75.9e6, rel=1e-3)
