@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 __all__ = [
+    "random_boxes",
     "SyntheticDataset",
     "box_image",
     "make_voc_tree",
@@ -264,3 +265,16 @@ def make_wider_tree(root: Path, subset: str = "val") -> SyntheticDataset:
         "missing_image": 1,
     }
     return SyntheticDataset(root=root, split=subset, expected=expected, boxes=boxes, ignore=ignore)
+
+
+def random_boxes(seed: int, n: int = 60):
+    """``n`` random xyxy boxes in a 70x70 px area (sides 1-21 px) and scores rounded to 0.1 (ties on purpose), from a
+    seeded torch generator: ``(boxes (n, 4), scores (n,), generator)``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * 50
+    wh = torch.rand(n, 2, generator=g) * 20 + 1
+    boxes = torch.cat((xy, xy + wh), dim=1)
+    scores = torch.rand(n, generator=g).round(decimals=1)
+    return boxes, scores, g

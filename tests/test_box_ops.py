@@ -3,6 +3,7 @@ import pytest
 
 from detector.anchors import AnchorSpec, make_anchors
 from detector.box_coder import BoxCoder
+from synthetic_data import random_boxes
 from detector.boxes import batched_nms, box_area, box_iou, clip_boxes_xyxy, cxcywh_to_xyxy, nms, xyxy_to_cxcywh
 
 
@@ -58,11 +59,7 @@ def brute_force_nms(boxes, scores, thr):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_nms_matches_brute_force(seed):
-    g = torch.Generator().manual_seed(seed)
-    xy = torch.rand(60, 2, generator=g) * 50
-    wh = torch.rand(60, 2, generator=g) * 20 + 1
-    boxes = torch.cat((xy, xy + wh), dim=1)
-    scores = torch.rand(60, generator=g).round(decimals=1)  # ties on purpose
+    boxes, scores, _ = random_boxes(seed)
     assert nms(boxes, scores, 0.3).tolist() == brute_force_nms(boxes, scores, 0.3)
 
 

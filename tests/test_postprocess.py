@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from synthetic_data import random_boxes
 from detector.box_coder import BoxCoder
 from detector.boxes import batched_nms, batched_nms_np, box_iou, box_iou_np, clip_boxes_xyxy, nms, nms_np
 from detector.postprocess import PostprocessConfig, _softmax_fg, candidate_anchors, postprocess
@@ -156,12 +157,8 @@ def test_candidate_anchors_is_a_tight_superset():
 
 @pytest.mark.parametrize("seed", range(5))
 def test_numpy_box_ops_are_bit_identical(seed):
-    g = torch.Generator().manual_seed(seed)
-    xy = torch.rand(60, 2, generator=g) * 50
-    wh = torch.rand(60, 2, generator=g) * 20 + 1
-    boxes = torch.cat((xy, xy + wh), dim=1)
+    boxes, scores, g = random_boxes(seed)
     boxes[3] = boxes[3, [2, 3, 0, 1]]  # an inverted box
-    scores = torch.rand(60, generator=g).round(decimals=1)  # ties on purpose
     labels = torch.randint(1, 3, (60,), generator=g)
     np.testing.assert_array_equal(box_iou_np(boxes.numpy(), boxes[:7].numpy()), box_iou(boxes, boxes[:7]).numpy())
     big = torch.cat((boxes,) * 20)  # the column-wise branch for large inputs
