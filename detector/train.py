@@ -238,8 +238,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             init_model, _ = load_model(cfg.init_weights)
             skipped = load_matching_state(model, init_model.state_dict())
             log.info("initialised from %s%s", cfg.init_weights, f" (not loaded: {', '.join(skipped)})" if skipped else "")
-        if is_main and (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()
+        for stale in ("metrics.jsonl", "best.pt"):  # of an earlier run in the same folder
+            if is_main and (out / stale).exists():
+                (out / stale).unlink()
     model.to(device)
     mcfg = model.config
 
