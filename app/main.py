@@ -116,10 +116,13 @@ def _parse_classes(classes: str | None, group: DetectorGroup) -> tuple[str, ...]
     from detector.detector_group import parse_classes
 
     try:
-        return group.resolve(parse_classes(classes))
+        wanted = parse_classes(classes)
     except ValueError as e:
-        code = "validation_error" if "at least one" in str(e) else "unknown_class"
-        raise APIError(422, code, str(e)) from None
+        raise APIError(422, "validation_error", str(e)) from None
+    try:
+        return group.resolve(wanted)
+    except ValueError as e:
+        raise APIError(422, "unknown_class", str(e)) from None
 
 
 def _media_type(request: Request) -> str:
