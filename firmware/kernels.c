@@ -154,6 +154,24 @@ static void cell_update(const cell_t *c, const int32_t *acc, int16_t *h)
     }
 }
 
+/* a + U row . h: the row is 4 doublewords of int16 pairs, h (8 x int16) arrives as 4 doublewords in registers */
+static inline int32_t uh_row(const uint64_t *u, uint64_t h01, uint64_t h23, uint64_t h45, uint64_t h67, int32_t a)
+{
+    uint32_t p0, p1;
+    LDRD(u, 0, p0, p1);
+    a = SMLAD(p0, LO(h01), a);
+    a = SMLAD(p1, HI(h01), a);
+    LDRD(u, 1, p0, p1);
+    a = SMLAD(p0, LO(h23), a);
+    a = SMLAD(p1, HI(h23), a);
+    LDRD(u, 2, p0, p1);
+    a = SMLAD(p0, LO(h45), a);
+    a = SMLAD(p1, HI(h45), a);
+    LDRD(u, 3, p0, p1);
+    a = SMLAD(p0, LO(h67), a);
+    return SMLAD(p1, HI(h67), a);
+}
+
 /* acc[k] += U[k] . h for all units; U rows are 4 doublewords of int16 pairs, h stays in registers */
 static void cell_uh(const uint64_t *u, const int16_t *h, int32_t *acc)
 {
@@ -161,21 +179,7 @@ static void cell_uh(const uint64_t *u, const int16_t *h, int32_t *acc)
     memcpy(hq, h, sizeof hq); /* little-endian: word i = (h[2i], h[2i+1]) */
     const uint64_t h01 = hq[0], h23 = hq[1], h45 = hq[2], h67 = hq[3];
     for (int k = 0; k < RP_H; k++, u += 4) {
-        uint32_t p0, p1;
-        int32_t a = acc[k];
-        LDRD(u, 0, p0, p1);
-        a = SMLAD(p0, LO(h01), a);
-        a = SMLAD(p1, HI(h01), a);
-        LDRD(u, 1, p0, p1);
-        a = SMLAD(p0, LO(h23), a);
-        a = SMLAD(p1, HI(h23), a);
-        LDRD(u, 2, p0, p1);
-        a = SMLAD(p0, LO(h45), a);
-        a = SMLAD(p1, HI(h45), a);
-        LDRD(u, 3, p0, p1);
-        a = SMLAD(p0, LO(h67), a);
-        a = SMLAD(p1, HI(h67), a);
-        acc[k] = a;
+        acc[k] = uh_row(u, h01, h23, h45, h67, acc[k]);
     }
 }
 
@@ -189,9 +193,9 @@ static void cell_step_acc(const cell_t *c, const int32_t *wx, int16_t *h, int fi
     cell_update(c, acc, h);
 }
 
-/* rnn1 step on a 4-channel int8 pixel: h <- cell(h, x), W x and U h in one accumulator.
- * The U h loop repeats cell_uh's on purpose: fused with W x it saves a store and a reload of acc[] per unit in
- * the hottest loop of the network (rnn1 is most of RNNPool's instructions). */
+/* rnn1 step on a 4-channel int8 pixel: h <- cell(h, x). W x and U h share one accumulator per unit (uh_row) rather
+ * than calling cell_uh: that saves a store and a reload of acc[] per unit in the hottest loop of the network (rnn1 is
+ * most of RNNPool's instructions). */
 static void cell_step_px(const cell_t *c, const int8_t *px, int16_t *h, int first)
 {
     int32_t acc[RP_H];
@@ -214,20 +218,7 @@ static void cell_step_px(const cell_t *c, const int8_t *px, int16_t *h, int firs
         for (int k = 0; k < RP_H; k++, u += 4) {
             uint32_t p0, p1;
             LDRD(w + k, 0, p0, p1);
-            int32_t a = SMLAD(p1, x23, SMLAD(p0, x01, 0));
-            LDRD(u, 0, p0, p1);
-            a = SMLAD(p0, LO(h01), a);
-            a = SMLAD(p1, HI(h01), a);
-            LDRD(u, 1, p0, p1);
-            a = SMLAD(p0, LO(h23), a);
-            a = SMLAD(p1, HI(h23), a);
-            LDRD(u, 2, p0, p1);
-            a = SMLAD(p0, LO(h45), a);
-            a = SMLAD(p1, HI(h45), a);
-            LDRD(u, 3, p0, p1);
-            a = SMLAD(p0, LO(h67), a);
-            a = SMLAD(p1, HI(h67), a);
-            acc[k] = a;
+            acc[k] = uh_row(u, h01, h23, h45, h67, SMLAD(p1, x23, SMLAD(p0, x01, 0)));
         }
     }
     cell_update(c, acc, h);
