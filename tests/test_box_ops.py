@@ -36,6 +36,18 @@ def test_anchors_tiny_config_exact():
     ]
 
 
+def test_sub_cell_anchors_exact():
+    # 2x2 anchors per stride-8 cell: centres on the cell's 4 px sub-grid, a cell's four anchors consecutive
+    anchors = make_anchors([(1, 2)], [AnchorSpec(stride=8, size=8.0, per_side=2)])
+    assert anchors.tolist() == [
+        [2.0, 2.0, 8.0, 8.0], [6.0, 2.0, 8.0, 8.0], [2.0, 6.0, 8.0, 8.0], [6.0, 6.0, 8.0, 8.0],
+        [10.0, 2.0, 8.0, 8.0], [14.0, 2.0, 8.0, 8.0], [10.0, 6.0, 8.0, 8.0], [14.0, 6.0, 8.0, 8.0],
+    ]
+    assert AnchorSpec(stride=8, size=8.0, per_side=3).per_cell == 9
+    three = make_anchors([(1, 1)], [AnchorSpec(stride=6, size=4.0, per_side=3)])
+    assert three[:, 0].tolist() == [1.0, 3.0, 5.0] * 3 and three[:, 1].tolist() == [1.0] * 3 + [3.0] * 3 + [5.0] * 3
+
+
 def test_box_coder_exact_and_round_trip():
     coder = BoxCoder()
     anchors = torch.tensor([[10.0, 10.0, 8.0, 8.0]])

@@ -132,7 +132,7 @@ def depthwise(x: np.ndarray, q: ConvQ) -> np.ndarray:
 
 
 def head(x: np.ndarray, q: HeadQ) -> np.ndarray:
-    """3x3 head convolution: ``(H, W, Cin)`` int8 -> ``(H, W, ncls_raw + 4)`` int32 accumulators."""
+    """3x3 head convolution: ``(H, W, Cin)`` int8 -> ``(H, W, anchors * (ncls_raw + 4))`` int32 accumulators."""
     h, w, _ = x.shape
     xp = np.zeros((h + 2, w + 2, x.shape[2]), np.int64)
     xp[1:-1, 1:-1] = x
@@ -147,7 +147,8 @@ def head(x: np.ndarray, q: HeadQ) -> np.ndarray:
 
 
 def run_int8_heads(qm: QuantModel, img: np.ndarray) -> list[np.ndarray]:
-    """Runs the int8 network on ``(H, W)`` uint8 pixels; returns each head's ``(h, w, ncls_raw + 4)`` int32 output."""
+    """Runs the int8 network on ``(H, W)`` uint8 pixels; returns each head's ``(h, w, anchors * (ncls_raw + 4))`` int32
+    output."""
     if img.dtype != np.uint8 or img.ndim != 2:
         raise ValueError("expected an (H, W) uint8 image")
     x = rnnpool(stem(img, qm.stem), qm.rnnpool)
@@ -171,7 +172,8 @@ def dequantize_heads(qm: QuantModel, outs: list[np.ndarray]) -> tuple[torch.Tens
     cls_all, box_all = [], []
     for (_, hq), acc in zip(qm.heads, outs):
         v = acc.reshape(-1, acc.shape[-1]).astype(np.float64) * hq.conv.acc_scale
-        cls, box = v[:, : hq.ncls_raw], v[:, hq.ncls_raw :]
+        k = hq.anchors * hq.ncls_raw  # a location's values: anchor-major class logits, then anchor-major deltas
+        cls, box = v[:, :k].reshape(-1, hq.ncls_raw), v[:, k:].reshape(-1, 4)
         m = hq.maxout
         if m > 1:
             cls = np.concatenate((cls[:, :m].max(axis=1, keepdims=True), cls[:, m:]), axis=1)

@@ -484,7 +484,7 @@ def parse_output(text: str) -> tuple[list[np.ndarray], dict[str, int]]:
 
 
 def reference_output(qm: QuantModel, frame: np.ndarray) -> list[np.ndarray]:
-    """The numpy int8 reference in the C programs' layout: per head ``(h * w, ncls_raw + 4)``."""
+    """The numpy int8 reference in the C programs' layout: per head ``(h * w, anchors * (ncls_raw + 4))``."""
     return [o.reshape(-1, o.shape[-1]).astype(np.int64) for o in run_int8_heads(qm, frame)]
 
 

@@ -179,12 +179,14 @@ class BlockQ:
 
 @dataclass
 class HeadQ:
-    """Quantised detection head: one 3x3 conv whose outputs are ``[cls (ncls_raw), box (4)]`` int32 accumulators."""
+    """Quantised detection head: one 3x3 conv whose outputs are ``[cls (anchors * ncls_raw), box (anchors * 4)]``
+    int32 accumulators, each part anchor-major (see :class:`detector.nn.DetectionHead`)."""
 
     conv: ConvQ
-    ncls_raw: int
+    ncls_raw: int  # class logits of one anchor before max-out
     maxout: int
     num_classes: int
+    anchors: int = 1  # anchors per location
 
 
 @dataclass
@@ -407,7 +409,8 @@ def quantize_model(model: RNNPoolFace, scales: dict[str, float]) -> QuantModel:
             wc = torch.cat((head.cls.weight, head.box.weight)).detach().double().numpy()
             bc = torch.cat((head.cls.bias, head.box.bias)).detach().double().numpy()
             conv = _conv_q("head", wc, bc, s_x, 0.0, 0, 0)
-            heads.append((i, HeadQ(conv, head.cls.out_channels, head.maxout_background, head.num_classes)))
+            a = head.anchors_per_cell
+            heads.append((i, HeadQ(conv, head.cls.out_channels // a, head.maxout_background, head.num_classes, a)))
     return QuantModel(cfg.name, cfg.input_size, stem, rnnpool, blocks, heads, dict(scales))
 
 
