@@ -10,7 +10,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # No apt packages: the opencv-python-headless and torch wheels bundle their native libraries (the headless
-# OpenCV needs no libGL); the libstdc++ and zlib they link against are already in the slim image.
+# OpenCV needs no libGL); the libstdc++ and zlib they link against are already in the slim image. Without a C
+# compiler the `native` backend is not available here (it compiles its C front for the host CPU on first use):
+# use torch (default) or onnx.
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app
 

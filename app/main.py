@@ -330,6 +330,7 @@ def _load_into(app: FastAPI, settings: Settings) -> None:
     """Loads the detector once at startup; on failure the service stays up and reports it (health: 503)."""
     from detector.checkpoint import WeightsError
     from detector.detector_group import load_detector_group
+    from detector.native import NativeUnavailable
 
     try:
         app.state.detector = load_detector_group(
@@ -343,7 +344,7 @@ def _load_into(app: FastAPI, settings: Settings) -> None:
         )
         log.info("loaded %s (%s backend; classes %s, default %s)", app.state.detector.name, settings.backend,
                  ",".join(app.state.detector.class_names), ",".join(app.state.detector.default_classes))
-    except (WeightsError, ValueError, OSError, ImportError) as e:
+    except (WeightsError, NativeUnavailable, ValueError, OSError, ImportError) as e:
         log.error("model not loaded: %s", e)  # the full message (paths included) for the operator
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         app.state.load_error = redact_paths(first)  # what clients see

@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     Attributes:
         weights: weights file (torch) or ``.onnx`` file; ``None`` = the shipped weights of ``model``.
         model: variant name whose shipped weights to load (default ``rnnpool_face_m4``).
-        backend: ``"torch"`` or ``"onnx"``.
+        backend: ``"torch"``, ``"onnx"`` or ``"native"`` (see :func:`detector.backends.load_detector`).
         face_weights: weights of the face model; ``None`` = the shipped face weights when they exist.
         default_classes: classes a request without ``classes`` gets (JSON list or comma-separated); empty = heads.
         score_threshold: default minimum score when a request gives no ``threshold``.
@@ -43,7 +43,7 @@ class Settings(BaseSettings):
 
     weights: Path | None = None
     model: str | None = None
-    backend: Literal["torch", "onnx"] = "torch"
+    backend: Literal["torch", "onnx", "native"] = "torch"
     face_weights: Path | None = None
     default_classes: Annotated[list[str], NoDecode] = Field(default_factory=list)
     score_threshold: float = Field(0.5, ge=0.0, le=1.0)

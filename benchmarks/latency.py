@@ -1,5 +1,5 @@
-"""Latency per 320x240 frame (preprocess, network, postprocess) for the torch and onnxruntime backends and the peer
-face detectors (benchmarks/peers.py, those installed), and the web service's requests/s on loopback.
+"""Latency per 320x240 frame (preprocess, network, postprocess) for the torch, onnxruntime and native (C front +
+onnxruntime) backends and the peer face detectors (benchmarks/peers.py, those installed), and the web service's requests/s on loopback.
 
 Usage: python benchmarks/latency.py [--threads 2] [--frames 200] [--no-peers] [--write]
 """
@@ -130,15 +130,19 @@ def main() -> None:
     rows = ["| backend | preprocess ms | network ms | postprocess ms | total ms | frames/s |",
             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     weights = None if default_weights_path().is_file() else "untrained"
-    for backend in ("torch", "onnx"):
+    for backend in ("torch", "onnx", "native"):
         if weights == "untrained":
             from detector.inference import Detector
 
             det = Detector.untrained()
-            if backend == "onnx":
+            if backend != "torch":
                 continue
         else:
-            det = load_detector(backend=backend)
+            try:
+                det = load_detector(backend=backend)
+            except RuntimeError as e:  # NativeUnavailable: no C compiler
+                print(f"{backend}: skipped: {e}", flush=True)
+                continue
         r = bench_backend(det, frames, args.frames)
         rows.append(f"| {backend} | {r['pre']:.2f} | {r['net']:.2f} | {r['post']:.2f} | {r['total']:.2f} | "
                     f"{1000 / r['total']:.0f} |")
@@ -176,8 +180,10 @@ def main() -> None:
             peer_note += " Skipped: " + "; ".join(skipped) + "."
     body = "\n".join(rows)
     body += (f"\n\nMedian over {args.frames} frames after 10 warm-up frames; input a 320x240 BGR frame (the demo "
-             f"image), {args.threads} threads (torch.set_num_threads; onnxruntime's default pool). The torch "
-             "backend runs eagerly (no torch.compile at inference)." + peer_note)
+             f"image), {args.threads} threads (torch.set_num_threads; onnxruntime's default pool; the native "
+             "backend's C front uses 2 threads). The torch backend runs eagerly (no torch.compile at inference); "
+             "torch and native resize to the model's input area (the paper's protocol), onnx to its fixed input "
+             "size (here the same 320x240)." + peer_note)
     ok, png = cv2.imencode(".png", astronaut)
     service_rows = ["| clients | requests/s | p50 ms | p99 ms | errors |", "| ---: | ---: | ---: | ---: | ---: |"]
     for clients in (1, 8):

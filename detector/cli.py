@@ -39,7 +39,9 @@ def _detect_parser() -> argparse.ArgumentParser:
     p.add_argument("--webcam", type=int, metavar="N", help="read frames from camera N (OpenCV index)")
     p.add_argument("--weights", help="weights file, checkpoint or .onnx (default: the shipped weights)")
     p.add_argument("--model", help="variant whose shipped weights to use (default rnnpool_face_m4)")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx"], help="inference backend (default torch)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "native"],
+                   help="inference backend: torch (default); onnx (onnxruntime, fixed input size); native (stem and "
+                        "RNNPool in C compiled on first use, the rest in onnxruntime; fastest)")
     p.add_argument("--threshold", type=float, default=0.5, help="minimum score (default 0.5)")
     p.add_argument("--classes", default=None, metavar="NAMES",
                    help="what to detect: head (default), face, 'head,face' or all; faces use the shipped face model "
@@ -281,9 +283,10 @@ def _eval_parser() -> argparse.ArgumentParser:
                         "agreement with the teacher, not accuracy)")
     p.add_argument("--pr-curve", default=None, metavar="PNG", help="where to write the PR curve (default: none)")
     p.add_argument("--json", action="store_true", help="end with one JSON line of the metrics")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "int8"],
-                   help="torch (default); onnx (onnxruntime, fixed input size); int8 (the integer-only reference "
-                        "of the microcontroller build, calibrated on 200 partB_train images)")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "native", "int8"],
+                   help="torch (default); onnx (onnxruntime, fixed input size); native (C front + onnxruntime); int8 "
+                        "(the integer-only reference of the microcontroller build, calibrated on 200 partB_train "
+                        "images)")
     p.add_argument("--device", default="auto")
     return p
 
@@ -312,7 +315,7 @@ def run_eval(argv: Sequence[str]) -> int:
         runner = detector.run_network
     else:
         detector = load_detector(weights=a.weights, backend=a.backend)
-        runner = detector.run_network if a.backend == "onnx" else None
+        runner = detector.run_network if a.backend in ("onnx", "native") else None
     model = detector.model.to(device)
     records = load_records(data, fmt, split, face_labels=a.face_labels)
     eval_set = EvalSet.build(records, model, resize=detector.resize, progress=sys.stderr.isatty())
@@ -415,8 +418,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 - the CLI's promise: one line, no traceback
         from detector.checkpoint import WeightsError
+        from detector.native import NativeUnavailable
 
-        kind = "error" if isinstance(e, (WeightsError, ValueError, KeyError, OSError)) else f"error ({type(e).__name__})"
+        expected = (WeightsError, NativeUnavailable, ValueError, KeyError, OSError)
+        kind = "error" if isinstance(e, expected) else f"error ({type(e).__name__})"
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"detect: {kind}: {msg}", file=sys.stderr)
         if logging.getLogger().isEnabledFor(logging.DEBUG):

@@ -6,17 +6,23 @@ import json
 import io
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
 from detector.fileio import atomic_open
 from detector.inference import Detector
 from detector.models.rnnpool_face import RNNPoolFace, RNNPoolFaceConfig
+from detector.postprocess import DEFAULT_NMS_IOU
 
-__all__ = ["EXPORT_VERSION", "OnnxDetector", "export_onnx"]
+__all__ = ["EXPORT_VERSION", "OnnxDetector", "export_onnx", "export_onnx_after_rnnpool", "onnx_session"]
 
 CONFIG_KEY = "rnnpool_face_config"
+PART_KEY = "part"  # which part of the network the graph holds:
+PART_FULL = "full"  # all of it (export_onnx)
+PART_AFTER_RNNPOOL = "after_rnnpool"  # blocks and heads (export_onnx_after_rnnpool)
 # Bumped whenever the exported graph changes for the same weights (cached exports are keyed by it).
 # 2: RNNPool on s x s blocks (per-step gathers and Gemms, no windows), detection heads as one convolution each.
 EXPORT_VERSION = 2
@@ -29,18 +35,52 @@ def export_onnx(model: RNNPoolFace, path: str | Path, opset: int = 17) -> Path:
     The graph is the model's own forward, traced in its ONNX form (:func:`torch.onnx.is_in_onnx_export`: RNNPool's
     steps laid out for onnxruntime, see :func:`detector.nn.rnnpool._fastgrnn_blocks`), with constants folded.
     """
-    import onnx
-
     model = model.cpu().eval()
     w, h = model.config.input_size
+    return _export(model, torch.zeros(1, model.config.in_channels, h, w), "image", None, PART_FULL, path, opset)
+
+
+class _AfterRNNPool(nn.Module):
+    def __init__(self, model: RNNPoolFace) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pooled: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.forward_pooled(pooled)
+
+
+def export_onnx_after_rnnpool(model: RNNPoolFace, path: str | Path, opset: int = 17) -> Path:
+    """Writes the network after RNNPool (:meth:`RNNPoolFace.forward_pooled`): input ``pooled`` ``(1, 4 * h2, h', w')``
+    with ``h'``, ``w'`` free (any input size), the outputs of :func:`export_onnx`; for :class:`detector.native.
+    NativeDetector`, which runs the front in C."""
+    model = model.cpu().eval()
+    w, h = model.config.input_size
+    h2, w2 = model.rnnpool.output_size(*_stem_size(model, h, w))
+    pooled = torch.zeros(1, model.rnnpool.out_channels, h2, w2)
+    return _export(_AfterRNNPool(model), pooled, "pooled", {"pooled": {2: "height", 3: "width"}}, PART_AFTER_RNNPOOL,
+                   path, opset, config=model.config)
+
+
+def _stem_size(model: RNNPoolFace, height: int, width: int) -> tuple[int, int]:
+    for _, s in model.config.stem:
+        height, width = -(-height // s), -(-width // s)
+    return height, width
+
+
+def _export(module: nn.Module, example: Tensor, input_name: str, dynamic_axes: dict | None, part: str,
+            path: str | Path, opset: int, config: RNNPoolFaceConfig | None = None) -> Path:
+    import onnx
+
+    config = config or module.config
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(1, model.config.in_channels, h, w),), buffer, input_names=["image"],
+        torch.onnx.export(module, (example,), buffer, input_names=[input_name],
                           output_names=["cls_logits", "box_deltas"], opset_version=opset, dynamo=False,
-                          do_constant_folding=True)
+                          do_constant_folding=True, dynamic_axes=dynamic_axes)
     proto = onnx.load_from_string(buffer.getvalue())
-    for key, value in ((CONFIG_KEY, json.dumps(model.config.to_dict())), ("export_version", str(EXPORT_VERSION))):
+    for key, value in ((CONFIG_KEY, json.dumps(config.to_dict())), ("export_version", str(EXPORT_VERSION)),
+                       (PART_KEY, part)):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     path = Path(path)
@@ -49,15 +89,44 @@ def export_onnx(model: RNNPoolFace, path: str | Path, opset: int = 17) -> Path:
     return path
 
 
+def onnx_session(path: Path, threads: int = 0, allow_spinning: bool = True) -> tuple[Any, RNNPoolFaceConfig, str]:
+    """An onnxruntime CPU session on an export of this module, with the stored config and part.
+
+    Full graph optimisation (operator fusion, blocked NCHWc convolutions), the intra-op thread pool (``threads``; 0 =
+    onnxruntime's default, one per physical core), sequential execution; worker threads spin between operators
+    (``allow_spinning``), which matters for a graph of many small operators.
+
+    Raises:
+        detector.checkpoint.WeightsError: missing file, or not an RNNPool-Face export.
+    """
+    import onnxruntime as ort
+
+    from detector.checkpoint import WeightsError
+
+    if not path.is_file():
+        raise WeightsError(f"ONNX file not found: {path}")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        meta = session.get_modelmeta().custom_metadata_map
+        config = RNNPoolFaceConfig.from_dict(json.loads(meta[CONFIG_KEY]))
+    except Exception as e:  # noqa: BLE001 - any unreadable or foreign file
+        raise WeightsError(f"{path} is not an RNNPool-Face ONNX export ({str(e).splitlines()[0][:120]})") from None
+    return session, config, meta.get(PART_KEY, PART_FULL)
+
+
 class OnnxDetector(Detector):
     """:class:`Detector` whose network runs in onnxruntime (CPU).
 
     The exported graph has a fixed input shape, so images are resized to the model's ``input_size`` (``resize =
     "fixed"``) rather than to its area; decoding and NMS are the torch backend's.
 
-    The session uses onnxruntime's full graph optimisation (operator fusion, blocked NCHWc convolutions) and its
-    intra-op thread pool, sequential execution; worker threads spin between operators (``allow_spinning``), which
-    matters for a graph of many small operators.
+    Session options: :func:`onnx_session`.
 
     Args:
         onnx_path: a file written by :func:`export_onnx`.
@@ -67,27 +136,14 @@ class OnnxDetector(Detector):
             gives the cores back at once, for machines shared with other busy processes.
     """
 
-    def __init__(self, onnx_path: str | Path, score_threshold: float = 0.5, nms_iou: float = 0.3,
+    def __init__(self, onnx_path: str | Path, score_threshold: float = 0.5, nms_iou: float = DEFAULT_NMS_IOU,
                  max_detections: int = 750, threads: int = 0, allow_spinning: bool = True) -> None:
-        import onnxruntime as ort
-
         from detector.checkpoint import WeightsError
 
         path = Path(onnx_path)
-        if not path.is_file():
-            raise WeightsError(f"ONNX file not found: {path}")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            meta = self.session.get_modelmeta().custom_metadata_map
-            config = RNNPoolFaceConfig.from_dict(json.loads(meta[CONFIG_KEY]))
-        except Exception as e:  # noqa: BLE001 - any unreadable or foreign file
-            raise WeightsError(f"{path} is not an RNNPool-Face ONNX export ({str(e).splitlines()[0][:120]})") from None
+        self.session, config, part = onnx_session(path, threads, allow_spinning)
+        if part != PART_FULL:
+            raise WeightsError(f"{path} holds only the network after RNNPool (an export for the native backend)")
         # A weightless twin of the network for its geometry (anchors); the ONNX graph does the compute.
         super().__init__(model=RNNPoolFace(config), score_threshold=score_threshold, nms_iou=nms_iou,
                          max_detections=max_detections, resize="fixed")
