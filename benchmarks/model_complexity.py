@@ -17,7 +17,7 @@ from detector.models import build_model, list_models  # noqa: E402
 
 # Saha et al. 2020 (Table 5 and the issue text): parameters and MAdds at the variant's input size.
 PAPER = {
-    "rnnpool_face_m4": ("~56K", "70M"),
+    "rnnpool_face_m4_paper": ("~56K", "70M"),
     "rnnpool_face_quant": ("~71K", "120M"),
     "rnnpool_face_c": ("~1.52M", "1.80G"),
 }

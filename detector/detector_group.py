@@ -13,6 +13,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from detector.detections import Detections
+from detector.postprocess import DEFAULT_NMS_IOU
 
 __all__ = ["DEFAULT_CLASSES", "DetectorGroup", "load_detector_group", "parse_classes"]
 
@@ -143,7 +144,7 @@ def load_detector_group(
     face_weights: str | Path | None = None,
     default_classes: Sequence[str] | None = None,
     score_threshold: float = 0.5,
-    nms_iou: float = 0.3,
+    nms_iou: float = DEFAULT_NMS_IOU,
     max_detections: int = 750,
 ) -> DetectorGroup:
     """The detectors of the CLI, the web service and the webcam page.

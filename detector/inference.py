@@ -13,7 +13,7 @@ from detector.checkpoint import DEFAULT_MODEL, default_weights_path, load_model
 from detector.detections import Detections
 from detector.models import build_model
 from detector.models.rnnpool_face import RNNPoolFace
-from detector.postprocess import PostprocessConfig, postprocess
+from detector.postprocess import DEFAULT_NMS_IOU, PostprocessConfig, postprocess
 from detector.preprocess import to_model_input
 
 __all__ = ["Detector"]
@@ -41,7 +41,7 @@ class Detector:
         weights: str | Path | None = None,
         model: str | RNNPoolFace | None = None,
         score_threshold: float = 0.5,
-        nms_iou: float = 0.3,
+        nms_iou: float = DEFAULT_NMS_IOU,
         max_detections: int = 750,
         resize: str = "area",
         device: str = "cpu",

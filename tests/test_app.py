@@ -23,6 +23,7 @@ from app.schemas import DetectResponse
 from app.settings import Settings
 from detector import Detections, Detector, build_model
 from detector.checkpoint import default_weights_path, save_weights
+from detector.postprocess import DEFAULT_NMS_IOU
 
 class FakeDetector:
     """Deterministic stand-in: three boxes at fixed fractions of the image (two heads, one face)."""
@@ -409,7 +410,7 @@ def test_model_loads_once_at_startup(tmp_path, monkeypatch):
     face_shipped = default_weights_path("rnnpool_face_m4_face").is_file()  # loaded beside the head model
     assert len(calls) == 1 + face_shipped
     assert calls[0] == {"weights": weights, "model": None, "backend": "torch", "score_threshold": 0.3,
-                        "nms_iou": 0.3, "max_detections": 750}
+                        "nms_iou": DEFAULT_NMS_IOU, "max_detections": 750}
 
 
 def test_missing_weights_keep_the_service_up_and_say_so(tmp_path):

@@ -175,8 +175,8 @@ def test_split_holdout_is_seeded_and_disjoint():
 
 def test_load_matching_state_skips_tensors_of_another_shape():
     torch.manual_seed(0)
-    heads = build_model("rnnpool_face_m4", input_size=(64, 48))
-    two = build_model("rnnpool_face_m4", input_size=(64, 48), class_names=("head", "face"))
+    heads = build_model("rnnpool_face_m4_paper", input_size=(64, 48))
+    two = build_model("rnnpool_face_m4_paper", input_size=(64, 48), class_names=("head", "face"))
     skipped = load_matching_state(two, heads.state_dict())
     assert skipped and all(".cls." in k for k in skipped)
     assert torch.equal(two.state_dict()["rnnpool.rnn1.W"], heads.state_dict()["rnnpool.rnn1.W"])

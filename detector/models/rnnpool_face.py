@@ -22,12 +22,14 @@ __all__ = ["BlockSpec", "RNNPoolFace", "RNNPoolFaceConfig"]
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """One MBConv block; ``anchor_size`` (input pixels) puts a detection head on its output."""
+    """One MBConv block; ``anchor_size`` (input pixels) puts a detection head on its output, with
+    ``anchors_per_side ** 2`` anchors per location (see :class:`detector.anchors.AnchorSpec`)."""
 
     out_channels: int
     stride: int = 1
     expand_ratio: float = 2.0
     anchor_size: float | None = None
+    anchors_per_side: int = 1
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,8 @@ class RNNPoolFace(nn.Module):
     Input: ``(N, in_channels, H, W)`` float pixels in 0..255 (RGB or grayscale); normalised inside.
     Output: ``cls_logits (N, A, num_classes)`` (max-out background already applied) and
     ``box_deltas (N, A, 4)`` (SSD-encoded against the anchors), heads concatenated in order, each head's locations in
-    row-major order, ``A = sum(h_i * w_i)`` over :meth:`feature_sizes`.
+    row-major order (a location's anchors consecutive), ``A = sum(h_i * w_i * a_i)`` over :meth:`feature_sizes`,
+    ``a_i`` the head's anchors per location.
     """
 
     def __init__(self, config: RNNPoolFaceConfig) -> None:
@@ -139,13 +142,21 @@ class RNNPoolFace(nn.Module):
             c = spec.out_channels
             if spec.anchor_size is not None:
                 maxout = config.maxout_background if not self.heads else 1
-                self.heads[str(i)] = DetectionHead(c, config.num_classes, maxout)
+                self.heads[str(i)] = DetectionHead(c, config.num_classes, maxout,
+                                                   anchors_per_cell=spec.anchors_per_side**2)
         if not self.heads:
             raise ValueError(f"{config.name}: no block has an anchor_size, so there is no detection head")
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.forward_pooled(self.forward_front(x))
+
+    def forward_front(self, x: Tensor) -> Tensor:
+        """Normalisation, stem and RNNPool: ``(N, in_channels, H, W)`` pixels -> ``(N, 4 * h2, H', W')``."""
         x = (x - self.pixel_mean) / self.pixel_std
-        x = self.rnnpool(self.stem(x))
+        return self.rnnpool(self.stem(x))
+
+    def forward_pooled(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The network after RNNPool: ``(N, 4 * h2, H', W')`` -> ``(cls_logits, box_deltas)`` as :meth:`forward`."""
         cls_out, box_out = [], []
         for i, block in enumerate(self.blocks):
             x = block(x)
@@ -171,7 +182,7 @@ class RNNPoolFace(nn.Module):
         for spec in self.config.blocks:
             stride *= spec.stride
             if spec.anchor_size is not None:
-                specs.append(AnchorSpec(stride=stride, size=float(spec.anchor_size)))
+                specs.append(AnchorSpec(stride=stride, size=float(spec.anchor_size), per_side=spec.anchors_per_side))
         return specs
 
     def feature_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
@@ -192,5 +203,6 @@ class RNNPoolFace(nn.Module):
         return sizes
 
     def num_anchors(self, height: int, width: int) -> int:
-        return sum(h * w for h, w in self.feature_sizes(height, width))
+        specs = self.anchor_specs()
+        return sum(h * w * a.per_cell for (h, w), a in zip(self.feature_sizes(height, width), specs))
 
