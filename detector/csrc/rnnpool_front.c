@@ -71,6 +71,8 @@ enum { RP_OK = 0, RP_EINVAL = -1, RP_ENOMEM = -2 };
 #define EXP2_C4 9.675537236e-03f
 #define EXP2_C5 1.327644452e-03f
 #define EXP2_MAGIC 12582912.0f /* 1.5 * 2^23 */
+/* 2^f for f in [-0.5, 0.5] (Horner; scalar or vector f) */
+#define EXP2_POLY(f) (((((EXP2_C5 * (f) + EXP2_C4) * (f) + EXP2_C3) * (f) + EXP2_C2) * (f) + EXP2_C1) * (f) + EXP2_C0)
 #define Y_CLAMP 40.0f
 #define W_MAX 1152921504606846976.0f /* 2^60 */
 #define NEG_LOG2E (-1.44269504088896341)
@@ -91,11 +93,7 @@ RP_INLINE float s_exp2(float y)
 {
     const float t = y + EXP2_MAGIC;
     const float f = y - (t - EXP2_MAGIC);
-    float p = f * EXP2_C5 + EXP2_C4;
-    p = p * f + EXP2_C3;
-    p = p * f + EXP2_C2;
-    p = p * f + EXP2_C1;
-    p = p * f + EXP2_C0;
+    float p = EXP2_POLY(f);
     uint32_t pb, tb;
     memcpy(&pb, &p, sizeof pb);
     memcpy(&tb, &t, sizeof tb);
@@ -111,6 +109,16 @@ RP_INLINE float s_update(float y, float kd, float r, float g, const int fused)
     const float b = w * 0.5f + 0.5f, u = e + (1.0f - r);
     return (u + b * (g - u)) / ((e + 1.0f) * b);
 }
+
+/* One set of VL sequences run by a kernel call: step t reads unit k, lane b of the pre-activation
+   -log2(e) (W x + bias_gate) at base[off[t] + k * xs + b]; the final g of unit k, lane b goes to out[k * os + b]. */
+typedef struct {
+    const float *base;
+    const ptrdiff_t *off;
+    ptrdiff_t xs;
+    float *out;
+    ptrdiff_t os;
+} stream_t;
 
 #if (defined(__GNUC__) || defined(__clang__)) && !defined(RP_PLAIN_C)
 /* GCC/Clang vector extensions: one vf holds unit k of the VL sequences of a batch. The compiler lowers them to
@@ -148,11 +156,7 @@ RP_INLINE vf v_exp2(vf y) /* |y| <= 100 */
 {
     const vf t = y + EXP2_MAGIC;
     const vf f = y - (t - EXP2_MAGIC);
-    vf p = f * EXP2_C5 + EXP2_C4;
-    p = p * f + EXP2_C3;
-    p = p * f + EXP2_C2;
-    p = p * f + EXP2_C1;
-    p = p * f + EXP2_C0;
+    const vf p = EXP2_POLY(f);
     return (vf)((vu)p + ((vu)t << 23));
 }
 
@@ -165,23 +169,10 @@ RP_INLINE vf v_update(vf y, float kd, float r, vf g, const int fused)
     return (u + b * (g - u)) / ((e + 1.0f) * b);
 }
 
-RP_INLINE vf v_first(vf y, float kd, float r, const int fused) /* from the zero state */
+RP_INLINE vf v_first(vf y, float kd, float r, const int fused) /* from the zero state: u + b (0 - u) = u - b u */
 {
-    const vf e = v_exp2(v_clamp(y, -Y_CLAMP, Y_CLAMP));
-    const vf w = fused ? vmin(e * e * kd, vsplat(W_MAX)) : v_exp2(v_clamp(y * 2.0f + kd, -Y_CLAMP, Y_CLAMP));
-    const vf b = w * 0.5f + 0.5f, u = e + (1.0f - r);
-    return (u - b * u) / ((e + 1.0f) * b);
+    return v_update(y, kd, r, vsplat(0.0f), fused);
 }
-
-/* One set of VL sequences run by a kernel call: step t reads unit k, lane b of the pre-activation
-   -log2(e) (W x + bias_gate) at base[off[t] + k * xs + b]; the final g of unit k, lane b goes to out[k * os + b]. */
-typedef struct {
-    const float *base;
-    const ptrdiff_t *off;
-    ptrdiff_t xs;
-    float *out;
-    ptrdiff_t os;
-} stream_t;
 
 #define LOAD8(a, x, xs, k0)                                                                                        \
     vf a##0 = vload(x + (k0 + 0) * xs), a##1 = vload(x + (k0 + 1) * xs), a##2 = vload(x + (k0 + 2) * xs),         \
@@ -281,14 +272,6 @@ RP_INLINE void grnn_h(const int h, const int fused, const int ns, const cell_t *
 }
 
 #else /* plain C */
-
-typedef struct {
-    const float *base;
-    const ptrdiff_t *off;
-    ptrdiff_t xs;
-    float *out;
-    ptrdiff_t os;
-} stream_t;
 
 /* One stream at a time; g holds the state, pre the pre-activations. */
 static void grnn_one(const int h, const int fused, const cell_t *cell, int T, const stream_t *st, float *restrict g,
