@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     for w, r in results.items():
         label = w.relative_to(REPO) if w.is_relative_to(REPO) else w
         lines += [f"`{label}`: {int(r['heads'][0])} heads, recall at score ≥ 0.01 {r['total_recall'][0]:.3f}", "",
-                  "| head side (px) | share of heads | stage-1 matched | median best anchor IoU | recall at score ≥ 0.01 |",
+                  "| head side (px) | share of heads | stage-1 matched | median best anchor IoU "
+                  "| recall at score ≥ 0.01 |",
                   "| --- | ---: | ---: | ---: | ---: |"]
         for i, name in enumerate(names):
             lines.append(f"| {name} | {100 * r['share'][i]:.0f} % | {r['matched'][i]:.2f} | {r['median_iou'][i]:.2f} "

@@ -1,5 +1,6 @@
 """Latency per 320x240 frame (preprocess, network, postprocess) for the torch, onnxruntime and native (C front +
-onnxruntime) backends and the peer face detectors (benchmarks/peers.py, those installed), and the web service's requests/s on loopback.
+onnxruntime) backends and the peer face detectors (benchmarks/peers.py, those installed), and the web service's
+requests/s on loopback.
 
 Usage: python benchmarks/latency.py [--threads 2] [--frames 200] [--no-peers] [--write]
 """

@@ -65,7 +65,8 @@ def cached_onnx(weights: str | Path | None, model: str | None = None, part: str 
     import os
 
     from detector.checkpoint import DEFAULT_MODEL, default_weights_path, load_model
-    from detector.export.onnx import EXPORT_VERSION, PART_AFTER_RNNPOOL, PART_FULL, export_onnx, export_onnx_after_rnnpool
+    from detector.export.onnx import (EXPORT_VERSION, PART_AFTER_RNNPOOL, PART_FULL, export_onnx,
+                                      export_onnx_after_rnnpool)
 
     src = Path(weights) if weights is not None else default_weights_path(model or DEFAULT_MODEL)
     net, _ = load_model(src)
