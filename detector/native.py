@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+from torch import Tensor, nn
 
 from detector.inference import Detector
 from detector.postprocess import DEFAULT_NMS_IOU
 
 if TYPE_CHECKING:
-    from torch import Tensor
-
     from detector.models.rnnpool_face import RNNPoolFace
 
 __all__ = ["CFLAGS", "LDLIBS", "SOURCE", "NativeDetector", "NativeFront", "NativeUnavailable", "build_library",
@@ -218,9 +218,6 @@ class NativeFront:
     """
 
     def __init__(self, model: RNNPoolFace, threads: int = 2, library: Path | None = None) -> None:
-        import torch
-        from torch import nn
-
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.threads = int(threads)
@@ -371,7 +368,5 @@ class NativeDetector(Detector):
             raise WeightsError(f"{path} is not the network after RNNPool of {self.weights_path}")
 
     def run_network(self, x: np.ndarray) -> tuple[Tensor, Tensor]:
-        import torch
-
         cls_logits, box_deltas = self.session.run(None, {"pooled": self.front(x)})
         return torch.from_numpy(cls_logits), torch.from_numpy(box_deltas)

@@ -129,14 +129,13 @@ def postprocess(
     logits_all = _to_numpy(cls_logits)
     deltas_all = _to_numpy(box_deltas)
     anchors = _to_numpy(anchors_cxcywh)
-    num_fg = logits_all.shape[-1] - 1
     threshold = config.score_threshold
     out = []
     for i in range(logits_all.shape[0]):
         logits = logits_all[i]
         rows = candidate_anchors(logits, threshold)
         probs = _softmax_fg(logits[rows])
-        row_pos, cls = np.nonzero(probs >= threshold)  # anchor-major, as the flat index a * num_fg + c
+        row_pos, cls = np.nonzero(probs >= threshold)  # anchor-major, as a flat (anchor, class) index
         scores = probs[row_pos, cls]
         if len(scores) > config.pre_nms_top_k:
             top = torch.from_numpy(scores).topk(config.pre_nms_top_k).indices.numpy()

@@ -55,16 +55,10 @@ def export_onnx_after_rnnpool(model: RNNPoolFace, path: str | Path, opset: int =
     NativeDetector`, which runs the front in C."""
     model = model.cpu().eval()
     w, h = model.config.input_size
-    h2, w2 = model.rnnpool.output_size(*_stem_size(model, h, w))
-    pooled = torch.zeros(1, model.rnnpool.out_channels, h2, w2)
-    return _export(_AfterRNNPool(model), pooled, "pooled", {"pooled": {2: "height", 3: "width"}}, PART_AFTER_RNNPOOL,
-                   path, opset, config=model.config)
-
-
-def _stem_size(model: RNNPoolFace, height: int, width: int) -> tuple[int, int]:
-    for _, s in model.config.stem:
-        height, width = -(-height // s), -(-width // s)
-    return height, width
+    with torch.no_grad():
+        pooled = model.forward_front(torch.zeros(1, model.config.in_channels, h, w))
+    return _export(_AfterRNNPool(model), pooled.contiguous(), "pooled", {"pooled": {2: "height", 3: "width"}},
+                   PART_AFTER_RNNPOOL, path, opset, config=model.config)
 
 
 def _export(module: nn.Module, example: Tensor, input_name: str, dynamic_axes: dict | None, part: str,
