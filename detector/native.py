@@ -174,13 +174,14 @@ def _load(path: Path) -> ctypes.CDLL:
     except OSError as e:
         raise NativeUnavailable(f"cannot load {path}: {e}") from None
     i, sz = ctypes.c_int, ctypes.c_size_t
+    vp = ctypes.c_void_p  # float buffers passed per call, as addresses (``a.ctypes.data``: faster than pointers)
     lib.rnnpool_front.argtypes = [
-        _F32P, i, i, i,  # image, channels, height, width
+        vp, i, i, i,  # image, channels, height, width
         _F32P, _F32P,  # pixel_mean, pixel_std
         i, _I32P, _I32P, _F32P, _F32P,  # n_stem, stem_out, stem_stride, stem_weight, stem_bias
         i, i, i, i, i, i,  # hidden1, hidden2, patch_rows, patch_cols, stride_rows, stride_cols
         _F32P, _F32P,  # rnn1, rnn2
-        i, _F32P, sz, _F32P,  # threads, workspace, workspace_floats, out
+        i, vp, sz, vp,  # threads, workspace, workspace_floats, out
     ]
     lib.rnnpool_front.restype = i
     lib.rnnpool_front_workspace_size.argtypes = [i, i, i, i, _I32P, _I32P, i, i, i, i, i, i, i]
@@ -260,6 +261,10 @@ class NativeFront:
         self._stem_b = _f32(np.concatenate(biases)) if biases else _f32(np.zeros(1))
         self.library_path = Path(library) if library is not None else build_library()
         self._lib = _load(self.library_path)
+        # the arguments after the image's (ctypes pointers are slow to make: once here; the arrays live in self)
+        self._params = (_ptr(self._mean), _ptr(self._std), self._n_stem, _ptr(self._stem_out, _I32P),
+                        _ptr(self._stem_stride, _I32P), _ptr(self._stem_w), _ptr(self._stem_b), self.hidden1,
+                        self.hidden2, *self.patch, *self.stride, _ptr(self._rnn1), _ptr(self._rnn2), self.threads)
         self._lock = threading.Lock()
         self._workspace: dict[tuple[int, int], np.ndarray] = {}
 
@@ -313,11 +318,8 @@ class NativeFront:
         out = np.empty((1, self.out_channels, out_h, out_w), dtype=np.float32)
         with self._lock:
             ws = self._workspace_for(height, width)
-            rc = self._lib.rnnpool_front(
-                _ptr(a), self.in_channels, height, width, _ptr(self._mean), _ptr(self._std),
-                self._n_stem, _ptr(self._stem_out, _I32P), _ptr(self._stem_stride, _I32P), _ptr(self._stem_w),
-                _ptr(self._stem_b), self.hidden1, self.hidden2, *self.patch, *self.stride,
-                _ptr(self._rnn1), _ptr(self._rnn2), self.threads, _ptr(ws), ws.size, _ptr(out))
+            rc = self._lib.rnnpool_front(a.ctypes.data, self.in_channels, height, width, *self._params,
+                                         ws.ctypes.data, ws.size, out.ctypes.data)
         if rc != 0:
             raise RuntimeError(f"rnnpool_front failed: {_ERRORS.get(rc, rc)}")
         return out
@@ -341,9 +343,10 @@ class NativeDetector(Detector):
         weights: torch weights or checkpoint (default: the shipped weights of ``model``).
         model: variant name for the default weights.
         score_threshold, nms_iou, max_detections: as for :class:`Detector`.
-        threads: threads of the C front; onnxruntime runs the (short) rest on one thread: its pool's workers spin
-            after a run and would take the cores from the front's threads (2 + 2 threads: 2.3 ms per 320x240 frame
-            on 2 cores, 2 + 1: 1.9 ms).
+        threads: threads of the C front and of onnxruntime's pool for the rest. The pool stops spinning when a
+            run returns; otherwise its idle workers spin on and take the cores from the front's threads of the next
+            frame (network per 320x240 frame on 2 cores: 1.55 ms; 2.4 ms with spinning workers; 1.9 ms with
+            onnxruntime on 1 thread).
         onnx_path: the exported network after RNNPool (default: exported on first use into the cache; see
             :func:`detector.backends.cached_onnx`).
 
@@ -363,7 +366,7 @@ class NativeDetector(Detector):
                          max_detections=max_detections, resize="area")
         self.front = NativeFront(self.model, threads=threads)
         path = Path(onnx_path) if onnx_path is not None else cached_onnx(self.weights_path, part=PART_AFTER_RNNPOOL)
-        self.session, config, part = onnx_session(path, threads=1)
+        self.session, config, part = onnx_session(path, threads=threads, spin_after_run=False)
         if part != PART_AFTER_RNNPOOL or config != self.config:
             raise WeightsError(f"{path} is not the network after RNNPool of {self.weights_path}")
 

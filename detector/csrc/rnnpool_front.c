@@ -44,6 +44,16 @@
 #define ALIGN_F 16     /* buffers start on multiples of 16 floats (64 bytes) */
 #define MAX_THREADS 64
 #define MAX_STEPS 1024 /* patch side limit */
+#define BARRIER_SPINS 50000 /* pause instructions a thread spins at a barrier before it sleeps (~1 ms) */
+
+static inline void spin_pause(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
 
 enum { RP_OK = 0, RP_EINVAL = -1, RP_ENOMEM = -2 };
 
@@ -428,15 +438,22 @@ typedef struct {
 static void barrier_wait(ctx_t *c)
 {
     if (c->nthreads <= 1) return;
-    pthread_mutex_lock(&c->mu);
-    const int gen = c->bar_gen;
-    if (++c->bar_count == c->nthreads) {
-        c->bar_count = 0;
-        c->bar_gen++;
+    /* spin first (the phases between barriers are short and every thread is busy), then sleep */
+    const int gen = __atomic_load_n(&c->bar_gen, __ATOMIC_ACQUIRE);
+    if (__atomic_add_fetch(&c->bar_count, 1, __ATOMIC_ACQ_REL) == c->nthreads) {
+        __atomic_store_n(&c->bar_count, 0, __ATOMIC_RELAXED);
+        pthread_mutex_lock(&c->mu);
+        __atomic_store_n(&c->bar_gen, gen + 1, __ATOMIC_RELEASE);
         pthread_cond_broadcast(&c->cv);
-    } else {
-        while (gen == c->bar_gen) pthread_cond_wait(&c->cv, &c->mu);
+        pthread_mutex_unlock(&c->mu);
+        return;
     }
+    for (long spin = 0; spin < BARRIER_SPINS; spin++) {
+        if (__atomic_load_n(&c->bar_gen, __ATOMIC_ACQUIRE) != gen) return;
+        spin_pause();
+    }
+    pthread_mutex_lock(&c->mu);
+    while (__atomic_load_n(&c->bar_gen, __ATOMIC_ACQUIRE) == gen) pthread_cond_wait(&c->cv, &c->mu);
     pthread_mutex_unlock(&c->mu);
 }
 

@@ -83,12 +83,15 @@ def _export(module: nn.Module, example: Tensor, input_name: str, dynamic_axes: d
     return path
 
 
-def onnx_session(path: Path, threads: int = 0, allow_spinning: bool = True) -> tuple[Any, RNNPoolFaceConfig, str]:
+def onnx_session(path: Path, threads: int = 0, allow_spinning: bool = True,
+                 spin_after_run: bool = True) -> tuple[Any, RNNPoolFaceConfig, str]:
     """An onnxruntime CPU session on an export of this module, with the stored config and part.
 
     Full graph optimisation (operator fusion, blocked NCHWc convolutions), the intra-op thread pool (``threads``; 0 =
     onnxruntime's default, one per physical core), sequential execution; worker threads spin between operators
-    (``allow_spinning``), which matters for a graph of many small operators.
+    (``allow_spinning``), which matters for a graph of many small operators. With ``spin_after_run=False`` they stop
+    spinning as soon as a run returns (``session.force_spinning_stop``), so that they do not take the cores from
+    whatever the caller does next (the native backend's C threads).
 
     Raises:
         detector.checkpoint.WeightsError: missing file, or not an RNNPool-Face export.
@@ -105,6 +108,8 @@ def onnx_session(path: Path, threads: int = 0, allow_spinning: bool = True) -> t
     if threads:
         opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    if not spin_after_run:
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     try:
         session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         meta = session.get_modelmeta().custom_metadata_map
