@@ -38,7 +38,7 @@ from app.access_log import AccessLogMiddleware, ensure_log_output
 from app.errors import APIError, error_response, install_error_handlers, redact_paths
 from detector.image_io import MEDIA_TYPES, ImageDecodeError, decode_image
 from app.limits import InferencePool, PoolFull
-from app.schemas import DetectResponse, ErrorResponse, HealthResponse, VersionResponse
+from app.schemas import DetectParams, DetectResponse, ErrorResponse, HealthResponse, VersionResponse
 from app.settings import Settings
 
 if TYPE_CHECKING:
@@ -53,7 +53,6 @@ log = logging.getLogger("uvicorn.error")  # startup messages next to uvicorn's o
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 API_KEY_HEADER = "X-API-Key"
 MULTIPART = "multipart/form-data"
-MAX_DETECTIONS = 1000  # the largest max_detections a request may ask for
 RETRY_AFTER_S = 1  # what a 503 "server_busy" tells clients to wait (seconds)
 _BINARY = {"type": "string", "format": "binary"}
 _api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="required when the server has a key")
@@ -244,17 +243,9 @@ def create_app(settings: Settings | None = None, detector: Detector | DetectorGr
             **_DETECT_ERRORS,
         },
     )
-    async def detect(
-        request: Request,
-        threshold: Annotated[float | None, Query(ge=0.0, le=1.0, description="minimum score")] = None,
-        max_detections: Annotated[int | None, Query(ge=1, le=MAX_DETECTIONS, description="box cap")] = None,
-        annotate: Annotated[bool, Query(description="return image/jpeg with the boxes drawn instead of JSON")] = False,
-        classes: Annotated[str | None, Query(
-            description="what to detect: comma-separated class names (`head`, `face`) or `all`; default: the "
-                        "server's default classes (`head`, see GET /version)")] = None,
-    ) -> Any:
+    async def detect(request: Request, params: Annotated[DetectParams, Query()]) -> Any:
         det = loaded_detector()
-        wanted = _parse_classes(classes, det)
+        wanted = _parse_classes(params.classes, det)
         media_type = _media_type(request)
         if media_type != MULTIPART and media_type not in MEDIA_TYPES:
             shown = media_type or "none"
@@ -263,8 +254,8 @@ def create_app(settings: Settings | None = None, detector: Detector | DetectorGr
                            "image/jpeg, image/png, image/bmp or image/webp")
         if pool.full:  # refuse before reading a byte of the body
             raise _server_busy()
-        score = settings.score_threshold if threshold is None else threshold
-        cap = settings.max_detections if max_detections is None else max_detections
+        score = settings.score_threshold if params.threshold is None else params.threshold
+        cap = settings.max_detections if params.max_detections is None else params.max_detections
         timeout = settings.request_timeout_s
         reading = True
         deadline = asyncio.timeout(timeout)
@@ -279,7 +270,7 @@ def create_app(settings: Settings | None = None, detector: Detector | DetectorGr
                 try:
                     dets, ms, jpeg = await pool.run(
                         _process, det, data, settings.max_pixels, settings.max_aspect_ratio, score, cap, wanted,
-                        annotate,
+                        params.annotate,
                     )
                 except PoolFull:
                     raise _server_busy() from None

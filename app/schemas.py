@@ -1,12 +1,14 @@
-"""Response bodies of the web service (they also document the API in ``/openapi.json``)."""
+"""Query parameters and response bodies of the web service (they also document the API in ``/openapi.json``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "MAX_DETECTIONS",
+    "DetectParams",
     "DetectResponse",
     "Detection",
     "ErrorBody",
@@ -14,6 +16,24 @@ __all__ = [
     "HealthResponse",
     "VersionResponse",
 ]
+
+MAX_DETECTIONS = 1000
+"""The largest ``max_detections`` a request may ask for."""
+
+
+class DetectParams(BaseModel):
+    """Query parameters of ``POST /detect``. Unknown ones are refused (422), so that a misspelt ``treshold`` is not
+    silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0, description="minimum score")
+    max_detections: int | None = Field(default=None, ge=1, le=MAX_DETECTIONS, description="box cap")
+    annotate: bool = Field(default=False, description="return image/jpeg with the boxes drawn instead of JSON")
+    classes: str | None = Field(
+        default=None,
+        description="what to detect: comma-separated class names (`head`, `face`) or `all`; default: the server's "
+                    "default classes (`head`, see GET /version)")
 
 
 class Detection(BaseModel):

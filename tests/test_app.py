@@ -298,7 +298,7 @@ def test_max_pixels_setting(fake):
 @pytest.mark.parametrize(
     "params",
     [{"threshold": "-0.1"}, {"threshold": "1.5"}, {"threshold": "abc"}, {"max_detections": "0"},
-     {"max_detections": "1001"}, {"annotate": "maybe"}],
+     {"max_detections": "1001"}, {"annotate": "maybe"}, {"treshold": "0.3"}],  # the last: unknown, not ignored
 )
 def test_bad_query_parameters_are_422(client, fake, params):
     r = client.post("/detect", content=encode(".jpg"), params=params, headers={"Content-Type": "image/jpeg"})
