@@ -345,7 +345,7 @@ class NativeDetector(Detector):
         score_threshold, nms_iou, max_detections: as for :class:`Detector`.
         threads: threads of the C front and of onnxruntime's pool for the rest. The pool stops spinning when a
             run returns; otherwise its idle workers spin on and take the cores from the front's threads of the next
-            frame (network per 320x240 frame on 2 cores: 1.55 ms; 2.4 ms with spinning workers; 1.9 ms with
+            frame (network per 320x240 frame on 2 cores: 1.5 ms; 2.4 ms with spinning workers; 1.9 ms with
             onnxruntime on 1 thread).
         onnx_path: the exported network after RNNPool (default: exported on first use into the cache; see
             :func:`detector.backends.cached_onnx`).

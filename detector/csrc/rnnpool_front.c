@@ -44,7 +44,7 @@
 #define ALIGN_F 16     /* buffers start on multiples of 16 floats (64 bytes) */
 #define MAX_THREADS 64
 #define MAX_STEPS 1024 /* patch side limit */
-#define BARRIER_SPINS 50000 /* pause instructions a thread spins at a barrier before it sleeps (~1 ms) */
+#define BARRIER_SPINS 50000 /* pause instructions a thread spins at a barrier before it sleeps (0.2-2 ms by CPU) */
 
 static inline void spin_pause(void)
 {
