@@ -250,3 +250,38 @@ def test_cli_native_backend_and_missing_compiler(tmp_path: Path, monkeypatch: py
     assert main([str(img), "--backend", "native"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("detect: error: ") and "compil" in err[0]
+
+
+def test_service_on_native_backend_under_concurrent_requests(native_setup, monkeypatch: pytest.MonkeyPatch,
+                                                             library: Path) -> None:
+    """Concurrent POST /detect on the native backend (worker threads share one C front, with one workspace per input
+    size, and one onnxruntime session): every response equals the detector's own result for its image. The images
+    differ but have one size, so that calls that overlapped in the workspace would mix them up."""
+    import asyncio
+
+    import cv2
+    import httpx
+
+    from app.main import create_app
+    from app.settings import Settings
+    from detector.native import NativeDetector
+
+    _, weights, onnx = native_setup
+    monkeypatch.setattr(native, "build_library", lambda *a, **k: library)
+    det = NativeDetector(weights=weights, onnx_path=onnx, score_threshold=0.3, max_detections=20)
+    rng = np.random.default_rng(9)
+    images = [rng.uniform(0, 255, (240, 320, 3)).astype(np.uint8) for _ in range(4)]
+    bodies = [cv2.imencode(".png", im)[1].tobytes() for im in images]
+    expected = [[[round(float(v), 2) for v in box] for box in det(im).boxes_xyxy] for im in images]
+    assert all(expected) and len({str(e) for e in expected}) == 4, "the test needs distinct, non-empty results"
+    app = create_app(Settings(max_concurrency=3, max_queue=64, score_threshold=0.3, max_detections=20), detector=det)
+
+    async def run() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            return await asyncio.gather(*(client.post("/detect", content=bodies[i % 4],
+                                                      headers={"Content-Type": "image/png"}) for i in range(32)))
+
+    for i, r in enumerate(asyncio.run(run())):
+        assert r.status_code == 200, r.text
+        assert [d["box_xyxy"] for d in r.json()["detections"]] == expected[i % 4], f"request {i}"
