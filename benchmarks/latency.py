@@ -63,8 +63,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_service(image_png: bytes, seconds: float, concurrency: int) -> dict[str, float]:
-    """Requests/s of ``POST /detect`` against a real uvicorn server on loopback."""
+def bench_service(image_png: bytes, seconds: float, concurrency: int, backend: str = "torch") -> dict[str, float]:
+    """Requests/s of ``POST /detect`` against a real uvicorn server on loopback (``RNNPOOL_BACKEND=backend``).
+
+    Raises:
+        RuntimeError: the server did not report a loaded model within 60 s (e.g. native without a compiler).
+    """
     import asyncio
 
     import httpx
@@ -72,17 +76,18 @@ def bench_service(image_png: bytes, seconds: float, concurrency: int) -> dict[st
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning"], cwd=REPO)
+         "--port", str(port), "--log-level", "warning"], cwd=REPO, env={**os.environ, "RNNPOOL_BACKEND": backend})
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(200):
+        for _ in range(600):
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
-                time.sleep(0.1)
+                pass
+            time.sleep(0.1)
         else:
-            raise RuntimeError("server did not start")
+            raise RuntimeError(f"the server ({backend} backend) did not report a loaded model")
 
         async def run() -> tuple[int, int, list[float]]:
             ok = errors = 0
@@ -236,14 +241,21 @@ def main() -> None:
         body += " Skipped: " + "; ".join(f"{name} ({why})" for name, why in skipped.items()) + "."
     astronaut = cv2.imread(str(REPO / "data" / "samples" / "astronaut.png"))
     ok, png = cv2.imencode(".png", astronaut)
-    service_rows = ["| clients | requests/s | p50 ms | p99 ms | errors |", "| ---: | ---: | ---: | ---: | ---: |"]
-    for clients in (1, 8):
-        s = bench_service(png.tobytes(), args.service_seconds, clients)
-        service_rows.append(f"| {clients} | {s['rps']:.1f} | {s['p50']:.1f} | {s['p99']:.1f} | {s['errors']} |")
-        print(service_rows[-1], flush=True)
-    body += ("\n\n`POST /detect` of the 512x512 PNG demo image to `uvicorn app.main:create_app --factory` on "
-             f"loopback for {args.service_seconds:.0f} s per row (decode + inference + JSON):\n\n"
-             + "\n".join(service_rows))
+    service_rows = ["| backend | clients | requests/s | p50 ms | p99 ms | errors |",
+                    "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for backend in ("torch", "native"):
+        for clients in (1, 8):
+            try:
+                s = bench_service(png.tobytes(), args.service_seconds, clients, backend)
+            except RuntimeError as e:
+                print(f"service, {backend}: skipped: {e}", flush=True)
+                break
+            service_rows.append(f"| {backend} | {clients} | {s['rps']:.1f} | {s['p50']:.1f} | {s['p99']:.1f} | "
+                                f"{s['errors']} |")
+            print(service_rows[-1], flush=True)
+    body += ("\n\n`POST /detect` of the 512x512 PNG demo image to `uvicorn app.main:create_app --factory` "
+             f"(`RNNPOOL_BACKEND` as shown; torch is the default) on loopback for {args.service_seconds:.0f} s per "
+             "row (decode + inference + JSON):\n\n" + "\n".join(service_rows))
     print(body)
     if args.write:
         write_section("Inference latency", "python benchmarks/latency.py --write", body)
