@@ -105,6 +105,19 @@ def box_iou_np(boxes1_xyxy: np.ndarray, boxes2_xyxy: np.ndarray) -> np.ndarray:
     return iou
 
 
+def _greedy_keep(overlaps: np.ndarray) -> list[int]:
+    """Greedy suppression on boxes sorted by descending score: ``overlaps`` ``(N, N)`` bool, ``[i, j]`` = box ``j``
+    overlaps box ``i`` above the threshold. Returns the kept positions, ascending."""
+    suppressed = np.zeros(len(overlaps), dtype=bool)
+    keep = []
+    for i in range(len(overlaps)):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        suppressed |= overlaps[i]
+    return keep
+
+
 def nms_np(boxes_xyxy: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
     """:func:`nms` on numpy arrays: float32 boxes ``(N, 4)`` and scores ``(N,)`` -> int64 kept indices ``(K,)``."""
     n = len(scores)
@@ -114,15 +127,7 @@ def nms_np(boxes_xyxy: np.ndarray, scores: np.ndarray, iou_threshold: float) -> 
     if n == 1:
         return order.astype(np.int64)
     ordered = boxes_xyxy[order]
-    iou = box_iou_np(ordered, ordered) > iou_threshold
-    suppressed = np.zeros(n, dtype=bool)
-    keep = []
-    for i in range(n):
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        suppressed |= iou[i]
-    return order[keep].astype(np.int64)
+    return order[_greedy_keep(box_iou_np(ordered, ordered) > iou_threshold)].astype(np.int64)
 
 
 def batched_nms_np(boxes_xyxy: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_threshold: float) -> np.ndarray:
@@ -151,15 +156,8 @@ def nms(boxes_xyxy: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     if boxes_xyxy.numel() == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes_xyxy.device)
     order = torch.argsort(scores, descending=True, stable=True)
-    iou = box_iou(boxes_xyxy[order], boxes_xyxy[order]).cpu().numpy() > iou_threshold
-    suppressed = np.zeros(len(order), dtype=bool)
-    keep = []
-    for i in range(len(order)):
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        suppressed |= iou[i]
-    return order[torch.as_tensor(keep, dtype=torch.long, device=order.device)]
+    overlaps = box_iou(boxes_xyxy[order], boxes_xyxy[order]).cpu().numpy() > iou_threshold
+    return order[torch.as_tensor(_greedy_keep(overlaps), dtype=torch.long, device=order.device)]
 
 
 def batched_nms(boxes_xyxy: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float) -> Tensor:

@@ -3,7 +3,7 @@
 A frame has thousands of anchors but only a handful of boxes above the threshold, so the work is done with numpy on
 the candidates only: a cheap necessary condition on the logits (:func:`candidate_anchors`) picks the few anchors that
 can pass, and only those are scored (softmax), thresholded, decoded and suppressed. No torch kernel runs here except
-``exp`` in decoding: torch's softmax forks its whole intra-op thread pool even for one row, which costs milliseconds
+``exp`` in decoding (and ``topk`` past ``pre_nms_top_k`` candidates): torch's softmax forks its whole intra-op thread pool even for one row, which costs milliseconds
 when another pool (onnxruntime's, or another process) holds the cores.
 
 Decoding, NMS, scaling and clipping do the same float32 operations as the torch functions in
